@@ -1,0 +1,59 @@
+"""structlog set-up: JSON lines on stderr (journald keeps them), console text on a terminal.
+
+Every line carries the process role and pid, so the interleaved stderr of the whole tree
+(children inherit the supervisor's stderr) can be told apart and filtered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+if TYPE_CHECKING:
+    from collections.abc import MutableMapping
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def setup(role: str, *, level: str = "info", fmt: str = "auto") -> None:
+    """Configure structlog for this process. Safe to call again (e.g. in tests)."""
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    pid = os.getpid()
+
+    def add_process(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event.setdefault("role", role)
+        event.setdefault("pid", pid)
+        return event
+
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer(colors=True)
+        if use_console
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_process,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    # Libraries that log through the standard library (hypercorn, httpx) go to stderr too,
+    # at warning and above, so their lines are not lost nor chatty.
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format=f"%(name)s [{role}] %(message)s"
+    )
