@@ -160,12 +160,7 @@ async def supervise(
         reported = True
         if outcome is None or tree.stopping.is_set():
             return
-        returncode, was_ready = outcome
-        if not was_ready and status.restarts == 0 and not tree.ready.is_set():
-            # The first start failed: the tree cannot come up. Say why, once, and stop.
-            status.set(State.FAILED)
-            tree.fail(f"{spec.name} failed to start: {status.outcome}")
-            return
+        returncode, _ = outcome
         if spec.restart is Restart.TRANSIENT and returncode == 0:
             status.set(State.STOPPED)
             return
@@ -218,7 +213,7 @@ async def _run_once(
         return (127, False)
     status.pid = process.pid
     incarnation = _Incarnation(process, status)
-    log.info("child_started", child=spec.name, pid=process.pid, layer=spec.layer.name.lower())
+    log.info("child_started", child=spec.name, child_pid=process.pid, layer=spec.layer.name.lower())
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_receive, listener, incarnation)
@@ -226,23 +221,29 @@ async def _run_once(
             was_ready = await _wait_ready(spec, tree, incarnation)
             if was_ready:
                 status.set(State.READY)
-                log.info("child_ready", child=spec.name, pid=process.pid)
+                log.info("child_ready", child=spec.name, child_pid=process.pid)
                 if spec.watchdog is not None:
                     nursery.start_soon(_watchdog, spec, incarnation)
             if task_status is not None:
+                if not was_ready and not tree.stopping.is_set():
+                    # The first start failed: the tree cannot come up. Say why, once, and
+                    # stop it before the layers inside this one are started.
+                    status.set(State.FAILED)
+                    tree.fail(f"{spec.name} failed to start: {status.outcome}")
                 task_status.started()
             tree.changed()
             if was_ready:
                 await process.wait()
             nursery.cancel_scope.cancel()
-        status.outcome = (
-            "watchdog" if incarnation.watchdog_fired else describe_exit(process.returncode or 0)
-        )
+        if was_ready:  # otherwise `_wait_ready` said why it never got there
+            status.outcome = (
+                "watchdog" if incarnation.watchdog_fired else describe_exit(process.returncode or 0)
+            )
         log.log(
             40 if not tree.stopping.is_set() else 20,
             "child_exited",
             child=spec.name,
-            pid=process.pid,
+            child_pid=process.pid,
             outcome=status.outcome,
         )
         return (process.returncode or 0, was_ready)
@@ -335,7 +336,9 @@ async def _stop(spec: ChildSpec, tree: Tree, incarnation: _Incarnation) -> None:
         with trio.move_on_at(tree.kill_deadline(spec.layer)):
             await process.wait()
     if process.returncode is None:
-        log.error("child_killed", child=spec.name, pid=process.pid, reason="stop deadline passed")
+        log.error(
+            "child_killed", child=spec.name, child_pid=process.pid, reason="stop deadline passed"
+        )
         incarnation.kill_group()
         incarnation.status.killed = True
         tree.killed.append(spec.name)
