@@ -16,6 +16,7 @@ import enum
 import functools
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -107,10 +108,63 @@ def describe_exit(returncode: int) -> str:
     return f"exited {returncode}"
 
 
+class ChildProcess:
+    """A spawned process and an awaitable exit, through a pidfd.
+
+    Why not `trio.lowlevel.open_process`: it forks from a worker thread, and
+    `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the process: trio
+    retires idle worker threads after 10 s, and every child would be SIGKILLed with it.
+    So we fork here, in the supervisor's main thread (a few milliseconds, once per start),
+    and wait for the exit on a pidfd, which the event loop watches like any other fd.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self._pidfd = os.pidfd_open(popen.pid)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        """Wait for the exit. Any number of tasks may wait at once: each watches its own
+        duplicate of the pidfd (trio allows one waiter per fd)."""
+        if self._popen.returncode is None and self._popen.poll() is None:
+            fd = os.dup(self._pidfd)
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                os.close(fd)
+            self._popen.wait()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        assert self._popen.returncode is not None
+        return self._popen.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self._popen.returncode is None:
+            self._popen.send_signal(signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def spawn(argv: list[str], *, env: dict[str, str], cwd: str | None, pass_fds: tuple[int, ...],
+          user: str | None, group: str | None) -> ChildProcess:
+    """Fork and exec a child in its own session that dies with the supervisor (I8)."""
+    popen = subprocess.Popen(
+        argv, env=env, cwd=cwd, pass_fds=pass_fds, start_new_session=True,
+        preexec_fn=functools.partial(_die_with_parent, os.getpid()), user=user, group=group,
+    )
+    return ChildProcess(popen)
+
+
 class _Incarnation:
     """One spawned process of a child, and what it has told us over the notify socket."""
 
-    def __init__(self, process: trio.Process, status: ChildStatus) -> None:
+    def __init__(self, process: ChildProcess, status: ChildStatus) -> None:
         self.process = process
         self.status = status
         self.ready = trio.Event()
@@ -196,13 +250,11 @@ async def _run_once(
     listener = NotifyListener(notify_path)
     status.set(State.STARTING)
     try:
-        process = await trio.lowlevel.open_process(
+        process = spawn(
             list(spec.argv),
             env=child_env(spec, notify_path, tree.child_env),
             cwd=spec.cwd,
             pass_fds=tuple(spec.pass_fds),
-            start_new_session=True,
-            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
             user=spec.user,
             group=spec.group,
         )

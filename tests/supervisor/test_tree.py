@@ -184,3 +184,16 @@ async def test_an_exited_child_is_restarted_and_the_tree_recovers(tree, tmp_path
             await trio.sleep(0.05)
     proc.signal(signal.SIGTERM)
     assert await proc.wait(5) == 0
+
+
+async def test_children_outlive_the_threads_trio_retires(tree, tmp_path):
+    """PR_SET_PDEATHSIG follows the forking *thread*: forking from trio's worker threads
+    (retired after 10 s idle) would SIGKILL every child ten seconds after it started."""
+    proc = tree([child("db", "infra"), child("web", "edge", drain=True)])
+    await proc.wait_event("tree_ready")
+    pids = [p.pid for p in descendants(proc.pid)]
+    await trio.sleep(12)
+    assert alive(pids) == pids
+    assert not proc.find("child_exited")
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait(5) == 0

@@ -1,0 +1,203 @@
+"""Queries for sessions, messages and runs: the durable half of a chat (I3, I4).
+
+Each function is one transaction. The web side creates work (`create_run`): the session,
+the user's message and the queued run are committed together before anything is
+acknowledged. The agent side claims (`claim`), keeps its lease (`renew`) and ends a run
+with its assistant message in one commit (`finish`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+if TYPE_CHECKING:
+    import psycopg
+
+FINAL = ("completed", "cancelled", "failed", "interrupted")
+#: How an `end` reason is stored (API.md, Why it ended → what is stored).
+STORED = {
+    "completed": ("completed", "complete"),
+    "server_shutdown": ("interrupted", "interrupted"),
+    "timeout": ("interrupted", "interrupted"),
+    "cancelled": ("cancelled", "cancelled"),
+    "error": ("failed", "error"),
+}
+
+
+class NotFoundError(Exception):
+    """No such object, or it belongs to someone else (the same thing to a caller)."""
+
+
+class QueueFull(Exception):
+    """The system-wide bound on queued runs is reached."""
+
+
+@dataclass(frozen=True)
+class NewRun:
+    run_id: str
+    session_id: str
+    message_id: str
+
+
+def _uuid(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFoundError(value) from None
+
+
+def create_run(
+    conn: psycopg.Connection[Any], *, owner: str, message: str, session_id: str | None,
+    on_disconnect: str, timeout_s: float | None, cache: bool, priority: int = 5,
+    batch_id: str | None = None, max_queued: int,
+) -> NewRun:
+    """Session (new or the owner's), user message and queued run (a trigger wakes agents)."""
+    cur = conn.cursor()
+    queued = cur.execute("SELECT count(*) FROM runs WHERE status = 'queued'").fetchone()
+    if queued is not None and queued[0] >= max_queued:
+        raise QueueFull()
+    if session_id is None:
+        sid = uuid.uuid4()
+        cur.execute("INSERT INTO sessions (id, owner) VALUES (%s, %s)", (sid, owner))
+    else:
+        sid = _uuid(session_id)
+        row = cur.execute("UPDATE sessions SET updated_at = now() WHERE id = %s AND owner = %s"
+                          " RETURNING id", (sid, owner)).fetchone()
+        if row is None:
+            raise NotFoundError(session_id)
+    mid, rid = uuid.uuid4(), uuid.uuid4()
+    cur.execute(
+        "INSERT INTO messages (id, session_id, owner, role, content, run_id)"
+        " VALUES (%s, %s, %s, 'user', %s, %s)", (mid, sid, owner, message, rid))
+    cur.execute(
+        "INSERT INTO runs (id, session_id, owner, user_message_id, status, on_disconnect,"
+        " priority, timeout_s, cache, batch_id, attempts)"
+        " VALUES (%s, %s, %s, %s, 'queued', %s, %s, %s, %s, %s, 0)",
+        (rid, sid, owner, mid, on_disconnect, priority, timeout_s, cache,
+         uuid.UUID(batch_id) if batch_id else None))
+    return NewRun(str(rid), str(sid), str(mid))
+
+
+RUN_COLUMNS = (
+    "id::text AS run_id, session_id::text, owner, user_message_id::text,"
+    " assistant_message_id::text AS message_id, status, reason, detail, fallback, on_disconnect,"
+    " priority, attempts, timeout_s, cache, batch_id::text, output, iterations, usage, cached,"
+    " created_at, started_at, finished_at"
+)
+
+
+def get_run(conn: psycopg.Connection[Any], run_id: str, owner: str | None) -> dict[str, Any]:
+    cur = conn.cursor(row_factory=dict_row)
+    row = cur.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = %s", (_uuid(run_id),)).fetchone()
+    if row is None or (owner is not None and row["owner"] != owner):
+        raise NotFoundError(run_id)
+    return row
+
+
+def claim(conn: psycopg.Connection[Any], *, worker: str, lease_s: float, limit: int
+          ) -> list[dict[str, Any]]:
+    """Take up to ``limit`` queued runs, highest priority then oldest, for this worker."""
+    cur = conn.cursor(row_factory=dict_row)
+    return cur.execute(
+        "UPDATE runs SET status = 'running', lease_owner = %s, attempts = attempts + 1,"
+        " lease_expires_at = now() + make_interval(secs => %s),"
+        " started_at = coalesce(started_at, now()), updated_at = now()"
+        " WHERE id IN (SELECT id FROM runs WHERE status = 'queued'"
+        "   ORDER BY priority DESC, created_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+        f" RETURNING {RUN_COLUMNS}", (worker, lease_s, limit)).fetchall()
+
+
+def renew(conn: psycopg.Connection[Any], *, worker: str, run_ids: list[str], lease_s: float
+          ) -> list[str]:
+    """Extend our leases; returns the runs we still hold (one lost is not ours any more)."""
+    if not run_ids:
+        return []
+    rows = conn.execute(
+        "UPDATE runs SET lease_expires_at = now() + make_interval(secs => %s)"
+        " WHERE id = ANY(%s) AND lease_owner = %s AND status = 'running' RETURNING id::text",
+        (lease_s, [uuid.UUID(r) for r in run_ids], worker)).fetchall()
+    return [r[0] for r in rows]
+
+
+def expired(conn: psycopg.Connection[Any], limit: int = 100) -> list[dict[str, Any]]:
+    """Running runs whose lease has run out (their agent died); locked for the caller."""
+    cur = conn.cursor(row_factory=dict_row)
+    return cur.execute(
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE status = 'running' AND lease_expires_at < now()"
+        " ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED", (limit,)).fetchall()
+
+
+def requeue(conn: psycopg.Connection[Any], run_id: str) -> None:
+    conn.execute(
+        "UPDATE runs SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL,"
+        " updated_at = now() WHERE id = %s", (uuid.UUID(run_id),))
+
+
+def finish(
+    conn: psycopg.Connection[Any], *, run: dict[str, Any], reason: str, content: str,
+    tool_calls: list[dict[str, Any]], tool_results: list[dict[str, Any]], detail: str | None,
+    iterations: int, usage: dict[str, int], fallback: str | None, cached: bool = False,
+    error: str | None = None,
+) -> str:
+    """Store the assistant message (exactly what was streamed) and end the run, together.
+
+    Idempotent: a run that already reached a final status keeps it (a reclaimer racing
+    with a slow agent cannot end a run twice); returns the assistant message id either way.
+    """
+    run_status, message_status = STORED[reason]
+    rid = uuid.UUID(run["run_id"])
+    row = conn.execute("SELECT status, assistant_message_id::text FROM runs WHERE id = %s"
+                       " FOR UPDATE", (rid,)).fetchone()
+    if row is None:
+        raise NotFoundError(run["run_id"])
+    if row[0] in FINAL and row[1] is not None:
+        return str(row[1])
+    mid = uuid.uuid4()
+    conn.execute(
+        "INSERT INTO messages (id, session_id, owner, role, content, status, tool_calls,"
+        " tool_results, run_id) VALUES (%s, %s, %s, 'assistant', %s, %s, %s, %s, %s)",
+        (mid, uuid.UUID(run["session_id"]), run["owner"], content, message_status,
+         Jsonb(tool_calls), Jsonb(tool_results), rid))
+    conn.execute(
+        "UPDATE runs SET status = %s, reason = %s, detail = %s, output = %s, iterations = %s,"
+        " usage = %s, fallback = %s, cached = %s, error = %s, assistant_message_id = %s,"
+        " lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()"
+        " WHERE id = %s",
+        (run_status, reason, detail, content, iterations, Jsonb(usage), fallback, cached, error,
+         mid, rid))
+    return str(mid)
+
+
+def history(conn: psycopg.Connection[Any], session_id: str, before_message: str,
+            limit: int = 50) -> list[dict[str, Any]]:
+    """The session's earlier messages, oldest first, for the LLM's context."""
+    cur = conn.cursor(row_factory=dict_row)
+    rows = cur.execute(
+        "SELECT role, content, status FROM messages WHERE session_id = %s"
+        " AND seq < (SELECT seq FROM messages WHERE id = %s)"
+        " ORDER BY seq DESC LIMIT %s",
+        (uuid.UUID(session_id), uuid.UUID(before_message), limit)).fetchall()
+    return list(reversed(rows))
+
+
+def messages(conn: psycopg.Connection[Any], session_id: str, owner: str | None
+             ) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=dict_row)
+    sid = _uuid(session_id)
+    found = cur.execute("SELECT owner FROM sessions WHERE id = %s", (sid,)).fetchone()
+    if found is None or (owner is not None and found["owner"] != owner):
+        raise NotFoundError(session_id)
+    return cur.execute(
+        "SELECT id::text AS message_id, role, content, status, tool_calls, tool_results,"
+        " run_id::text, created_at FROM messages WHERE session_id = %s ORDER BY seq",
+        (sid,)).fetchall()
+
+
+def counts_by_status(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    rows = conn.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall()
+    return {status: n for status, n in rows}

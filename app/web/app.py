@@ -1,0 +1,196 @@
+"""The web app: shared state, the ASGI entry (request ids, timing, in-flight accounting,
+drain refusals) and the Quart app with the health routes. /api routes live in api.py."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+
+from app.events import EventHub
+from app.redis import RedisClient
+from app.redis import ping as redis_ping
+from app.web.errors import ApiError, Unavailable, error_json
+
+if TYPE_CHECKING:
+    from app.config import Settings
+    from app.db.pool import Database
+    from app.lifecycle import Lifecycle
+
+log = structlog.get_logger("web")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+HEALTH_CACHE_S = 1.0
+STREAM_PATHS = ("/api/chat/stream",)
+OPEN_PATHS = ("/live", "/ready", "/health", "/metrics", "/openapi.json", "/docs")
+
+
+@dataclass
+class WebState:
+    settings: Settings
+    life: Lifecycle
+    db: Database
+    redis: RedisClient
+    started_at: float = field(default_factory=time.time)
+    in_flight: int = 0
+    open_streams: int = 0
+    _quiet: trio.Event = field(default_factory=trio.Event)
+    _health: tuple[float, dict[str, Any]] | None = None
+    shutdown_ends: int = 0
+    hub: EventHub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hub = EventHub(self.redis)
+
+    async def serve_background(self, *, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.hub.serve)
+            task_status.started()
+
+    def stream_cutoff(self) -> float:
+        """When a draining stream stops waiting for its agent's `end` and sends its own."""
+        return self.life.drain_deadline + 0.35 * self.settings.reserve
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._quiet.set()
+
+    async def idle_or_deadline(self) -> None:
+        """Return once draining with nothing in flight (the caller bounds it by the deadline)."""
+        while self.in_flight > 0:
+            self._quiet = trio.Event()
+            await self._quiet.wait()
+
+    async def health(self) -> dict[str, Any]:
+        """Real checks of the dependencies, cached for a second (probes can be frequent)."""
+        now = trio.current_time()
+        if self._health is not None and now - self._health[0] < HEALTH_CACHE_S:
+            return self._health[1]
+        checks: dict[str, Any] = {}
+        with trio.move_on_after(2):
+            checks["database"] = "ok" if await self.db.ping() else "unavailable"
+        checks.setdefault("database", "timeout")
+        with trio.move_on_after(2):
+            checks["redis"] = "ok" if await redis_ping(self.redis) else "unavailable"
+        checks.setdefault("redis", "timeout")
+        checks["embedding"] = "not checked"
+        checks["llm"] = (
+            "configured" if self.settings.llm_configured else "local provider (no LLM configured)"
+        )
+        healthy = checks["database"] == "ok" and checks["redis"] == "ok"
+        result = {"status": "healthy" if healthy else "unhealthy", "checks": checks,
+                  "timestamp": time.time()}
+        self._health = (now, result)
+        return result
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body), status=status, headers=headers,
+                    content_type="application/json")
+
+
+def error_response(error: ApiError) -> Response:
+    return Response(error_json(error), status=error.status, headers=error.headers,
+                    content_type="application/json")
+
+
+def create_app(state: WebState) -> ASGIApp:
+    app = QuartTrio("agentd")
+    app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+
+    @app.get("/live")
+    async def live() -> Response:
+        return json_response({"status": "alive"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if state.life.draining.is_set():
+            return json_response({"status": "draining"}, 503, {"Retry-After": "5"})
+        if state.life.ready_at is None:
+            return json_response({"status": "starting"}, 503, {"Retry-After": "1"})
+        if (await state.health())["status"] != "healthy":
+            return json_response({"status": "degraded"}, 503, {"Retry-After": "5"})
+        return json_response({"status": "ready"})
+
+    @app.get("/health")
+    async def health() -> Response:
+        result = await state.health()
+        return json_response(result, 200 if result["status"] == "healthy" else 503)
+
+    @app.errorhandler(ApiError)
+    async def api_error(error: ApiError) -> Response:
+        return error_response(error)
+
+    from app.web import api
+
+    api.register(app, state)
+    return entry(app, state)  # type: ignore[arg-type]
+
+
+def entry(app: ASGIApp, state: WebState) -> ASGIApp:
+    """ASGI wrapper around everything: request id, timing, in-flight count, drain refusal."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        extra = [(b"x-request-id", request_id.encode()[:200])]
+
+        async def send_with_headers(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                elapsed = f"{time.perf_counter() - began:.6f}".encode()
+                message["headers"] = [*message.get("headers", []), *extra,
+                                      (b"x-process-time", elapsed)]
+            await send(message)
+
+        path: str = scope["path"]
+        if state.life.draining.is_set() and path.startswith(("/api/", "/v1/")):
+            error = Unavailable("agentd is shutting down; retry on another instance or shortly",
+                                code="draining")
+            await _send_error(send_with_headers, error)
+            return
+        state.request_started()
+        try:
+            if path in STREAM_PATHS or path.endswith("/events"):
+                from app.web.api import dispatch_stream
+
+                if await dispatch_stream(state, scope, receive, send_with_headers):
+                    return
+            await app(scope, receive, send_with_headers)
+        finally:
+            state.request_finished()
+
+    return asgi
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def _send_error(send: Send, error: ApiError) -> None:
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": error_json(error)})

@@ -1,0 +1,83 @@
+"""The web process: hypercorn (trio worker) + quart-trio on the listener the supervisor bound.
+
+    lifecycle ─ database ─ redis ─ nursery
+                                   ├── hypercorn serving the app (until the drain)
+                                   └── stop_when_done: once draining and no request is in
+                                       flight, cancel the server so idle keep-alive
+                                       connections cannot hold the shutdown open
+
+On SIGTERM the listener is closed at once (hypercorn stops accepting: its listener is
+closed; the supervisor closes its own copy), /ready says 503 draining, new /api work gets
+503, open streams are carried to their end, then the process exits.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve
+
+from app.db.migrations import migrate
+from app.db.pool import open_database
+from app.lifecycle import open_lifecycle
+from app.redis import open_redis
+from app.web.app import WebState, create_app
+
+if TYPE_CHECKING:
+    from app.config import Settings
+
+log = structlog.get_logger("web")
+
+
+def hypercorn_config(settings: Settings, fd: int) -> HyperConfig:
+    config = HyperConfig()
+    config.bind = [f"fd://{fd}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.keep_alive_timeout = 75
+    # The drain is bounded by our own deadline (stop_when_done and the lifecycle), not
+    # hypercorn's: give it the whole budget so it never cuts a stream we still carry.
+    config.graceful_timeout = settings.shutdown_timeout
+    config.h11_max_incomplete_size = 64 * 1024
+    config.max_app_queue_size = 64
+    return config
+
+
+async def stop_when_done(state: WebState, server: trio.CancelScope) -> None:
+    """After the drain starts: stop as soon as nothing is in flight, or at the deadline."""
+    life = state.life
+    await life.draining.wait()
+    server.deadline = life.deadline - 0.3
+    await state.idle_or_deadline()
+    server.cancel()
+
+
+async def run(settings: Settings) -> int:
+    fd = int(os.environ["AGENTD_LISTEN_FD"])
+    assert settings.database_url is not None and settings.redis_url is not None
+    async with (
+        open_lifecycle("web", budget=settings.shutdown_timeout, reserve=settings.reserve) as life,
+        open_database(settings.database_url, min_size=1, max_size=10, role="web") as db,
+        open_redis(settings.redis_url) as redis,
+        trio.open_nursery() as nursery,
+    ):
+        await migrate(db)
+        state = WebState(settings=settings, life=life, db=db, redis=redis)
+        app = create_app(state)
+        await nursery.start(state.serve_background)
+        with trio.CancelScope() as server:
+            async with trio.open_nursery() as serving:
+                serving.start_soon(stop_when_done, state, server)
+                await serving.start(
+                    partial(serve, app, hypercorn_config(settings, fd),  # type: ignore[arg-type]
+                            shutdown_trigger=life.draining.wait)
+                )
+                life.ready(f"web listening on fd {fd}")
+        nursery.cancel_scope.cancel()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,41 @@
+"""Request bodies (pydantic): validation and the OpenAPI schemas come from the same models.
+
+Unknown fields are ignored so older and newer clients keep working; a body's `user_id` is
+never read (the user is who authenticated).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_MESSAGE = 32000
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    message: str = Field(min_length=1, max_length=MAX_MESSAGE)
+    session_id: str | None = Field(None, max_length=64)
+    timeout: float | None = Field(None, ge=1, le=600)
+    cache: bool | None = None
+
+
+class StreamRequest(ChatRequest):
+    on_disconnect: Literal["cancel", "continue"] = "cancel"
+
+
+class RunRequest(ChatRequest):
+    on_disconnect: Literal["cancel", "continue"] = "continue"
+
+
+class ToolCallRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+def openapi_document(paths: dict[str, Any]) -> dict[str, Any]:
+    schemas = {m.__name__: m.model_json_schema(ref_template="#/components/schemas/{model}")
+               for m in (ChatRequest, StreamRequest, RunRequest)}
+    return {"openapi": "3.1.0", "info": {"title": "agentd", "version": "0.1.0"},
+            "paths": paths, "components": {"schemas": schemas}}

@@ -1,0 +1,131 @@
+"""SSE relay of a run's events, as raw ASGI: the lean hot path (notes/stack.md).
+
+Per event the work is a dict lookup and one write: events arrive from the process's single
+`EventHub` reader already serialised, and are framed by `sse.encode_event`.
+
+    stream ─┬─ relay: replay (XRANGE after Last-Event-ID), then live events from the hub,
+            │         keep-alive comments when idle; at the drain deadline, an `end` of
+            │         our own if the agent has not sent one (never a second one)
+            └─ watch_disconnect: the client left → cancel the relay (and the run, if asked)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from app.events import CONTROL_STREAM, Event, EventHub, read_after
+from app.web.sse import KEEPALIVE, encode_event
+
+if TYPE_CHECKING:
+    from app.web.app import WebState
+
+log = structlog.get_logger("web")
+
+KEEPALIVE_S = 10.0
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+               (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+async def request_cancel(state: WebState, run_id: str) -> None:
+    """Ask whichever agent holds the run to stop (or end it here if it is still queued)."""
+    from app.web.api import cancel_queued
+
+    if not await cancel_queued(state, run_id):
+        await state.redis.xadd(CONTROL_STREAM, {"run_id": run_id}, trim_strategy=None)
+
+
+async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Receive, send: Send,
+                 *, run_id: str, session_id: str, status: str, last_id: str | None,
+                 on_disconnect: str, extra_headers: list[tuple[bytes, bytes]] | None = None
+                 ) -> None:
+    hub: EventHub = state.hub
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [*SSE_HEADERS, *(extra_headers or [])]})
+    run_event = json.dumps({"type": "run", "run_id": run_id, "session_id": session_id,
+                            "status": status})
+    await send({"type": "http.response.body", "body": encode_event(None, "run", run_event),
+                "more_body": True})
+    state.open_streams += 1
+    ended = False
+    left = False
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                nonlocal left
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                left = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            ended = await _relay(state, hub, send, run_id, last_id)
+            nursery.cancel_scope.cancel()
+    finally:
+        state.open_streams -= 1
+        if left and not ended:
+            log.info("stream_client_left", run_id=run_id, on_disconnect=on_disconnect)
+            if on_disconnect == "cancel":
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
+                    await request_cancel(state, run_id)
+    if not left:
+        # The chunked terminator, then hypercorn closes (or keeps) the connection cleanly.
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _relay(state: WebState, hub: EventHub, send: Send, run_id: str,
+                 last_id: str | None) -> bool:
+    """Send events until `end`; return True when an `end` was sent."""
+    sub = hub.subscribe(run_id, last_id or "0-0")
+    try:
+        for event in await read_after(state.redis, run_id, last_id, count=100_000):
+            sub.last_id = event.id
+            if await _send_event(send, event):
+                return True
+        life = state.life
+        while True:
+            timeout = KEEPALIVE_S
+            if life.draining.is_set():
+                timeout = min(timeout, max(0.0, state.stream_cutoff() - trio.current_time()))
+            with trio.move_on_after(timeout):
+                for event in await sub.receive.receive():
+                    if await _send_event(send, event):
+                        return True
+                continue
+            if life.draining.is_set() and trio.current_time() >= state.stream_cutoff():
+                await _send_own_end(state, send, run_id)
+                return True
+            await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+    finally:
+        sub.close()
+
+
+async def _send_event(send: Send, event: Event) -> bool:
+    await send({"type": "http.response.body", "more_body": True,
+                "body": encode_event(event.id, event.type, event.data)})
+    return event.type == "end"
+
+
+async def _send_own_end(state: WebState, send: Send, run_id: str) -> None:
+    """The agent could not end this stream in time (queued run, or agent gone): we do.
+
+    Not written to the run's stream: a queued run continues after the restart, and its
+    stream must then end once, with its real end.
+    """
+    data = json.dumps({
+        "type": "end", "run_id": run_id, "reason": "server_shutdown", "message_id": None,
+        "resumable": True,
+        "detail": ("agentd is shutting down; this run is kept and continues after the restart. "
+                   f"Follow it with GET /api/runs/{run_id}/events and Last-Event-ID."),
+    })
+    state.shutdown_ends += 1
+    await send({"type": "http.response.body", "body": encode_event(None, "end", data),
+                "more_body": True})
