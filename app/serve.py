@@ -89,7 +89,8 @@ def serve(settings: Settings, config_file: str | None) -> int:
     try:
         listener = listener or bind_listener(settings.bind)
     except OSError as e:
-        print(f"agentd: cannot listen on AGENTD_BIND={settings.bind}: {e.strerror}", file=sys.stderr)
+        print(f"agentd: cannot listen on AGENTD_BIND={settings.bind}: {e.strerror}",
+              file=sys.stderr)
         return 2
     listener.set_inheritable(True)
     env = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import httpx2 as httpx
@@ -64,7 +65,7 @@ class Worker:
             if capacity > 0:
                 want = min(capacity, 20)
                 claimed = await self.db.run(
-                    lambda c, n=want: q.claim(c, worker=self.id, lease_s=LEASE_S, limit=n))
+                    partial(q.claim, worker=self.id, lease_s=LEASE_S, limit=want))
                 for run in claimed:
                     scope = trio.CancelScope()
                     self.active[run["run_id"]] = (scope, RunState(run))
@@ -106,7 +107,7 @@ class Worker:
                 continue
             for entries in (reply or {}).values():
                 for entry in entries:
-                    last = entry.identifier
+                    last = str(entry.identifier)
                     fields = entry.field_values
                     self.cancel(str(fields.get("run_id")), "cancelled")
 
@@ -115,7 +116,7 @@ class Worker:
             await trio.sleep(RENEW_EVERY)
             held = list(self.active)
             kept = await self.db.run(
-                lambda c, ids=held: q.renew(c, worker=self.id, run_ids=ids, lease_s=LEASE_S))
+                partial(q.renew, worker=self.id, run_ids=held, lease_s=LEASE_S))
             for lost in set(held) - set(kept):
                 log.warning("lease_lost", run_id=lost)
             await self.reclaim()
@@ -130,8 +131,7 @@ class Worker:
             if any(e.type == "end" for e in events):
                 continue
             if not any(e.type in ("token", "tool_call") for e in events):
-                run_id: str = run["run_id"]
-                await self.db.run(lambda c, r=run_id: q.requeue(c, r))
+                await self.db.run(partial(q.requeue, run_id=run["run_id"]))
                 log.info("run_reclaimed", run_id=run["run_id"], action="requeued")
                 continue
             state = RunState(run)

@@ -41,7 +41,7 @@ EVENTS_PATH = re.compile(r"^/api/runs/([^/]+)/events$")
 CHAT_WAIT_MARGIN = 10.0
 
 
-def parse_body(raw: bytes, model: type[M], limit: int) -> M:
+def parse_body(raw: bytes | str, model: type[M], limit: int) -> M:
     if len(raw) > limit:
         raise PayloadTooLarge(f"the request body is over {limit} bytes")
     try:
@@ -146,7 +146,7 @@ def register(app: Quart, state: WebState) -> None:
 
     @app.post("/api/chat")
     async def chat() -> Response:
-        body = parse_body(await request.get_data(as_text=False), ChatRequest, limit)
+        body = parse_body(await request.get_data(), ChatRequest, limit)
         owner = owner_of(request.headers)
         new = await create(state, body, owner, "continue")
         run_limit = min(body.timeout or state.settings.run_timeout, state.settings.run_timeout)
@@ -167,7 +167,7 @@ def register(app: Quart, state: WebState) -> None:
 
     @app.post("/api/runs")
     async def create_run() -> Response:
-        body = parse_body(await request.get_data(as_text=False), RunRequest, limit)
+        body = parse_body(await request.get_data(), RunRequest, limit)
         new = await create(state, body, owner_of(request.headers), body.on_disconnect)
         return json_response({"run_id": new.run_id, "session_id": new.session_id,
                               "status": "queued"}, 202)
