@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import TYPE_CHECKING
 
@@ -33,13 +32,8 @@ def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
     try:
         if command == "status":
             return status(url, headers(args, settings))
-        if command == "chat":
-            from app.chat_client import chat
-
-            return int(chat(url, headers(args, settings)))
-        from app.ingest import ingest
-
-        return int(ingest(url, headers(args, settings), args.paths, settings))
+        print(f"agentd {command}: not available in this version yet", file=sys.stderr)
+        return 2
     except httpx.HTTPError as e:
         print(f"agentd {command}: cannot reach agentd at {url}: {e}", file=sys.stderr)
         return 1
@@ -49,10 +43,15 @@ def status(url: str, auth: dict[str, str]) -> int:
     with httpx.Client(timeout=10, headers=auth) as client:
         ready = client.get(f"{url}/ready").json()
         health = client.get(f"{url}/health").json()
-    print(f"agentd at {url}: {ready.get('status')}, {health.get('status')}")
+        info = client.get(f"{url}/api/status").json()
+    print(f"agentd at {url}: {ready.get('status')}, {health.get('status')}, "
+          f"up {info.get('uptime_s')} s")
     for name, value in health.get("checks", {}).items():
-        print(f"  {name:<10} {value}")
-    extra = json.dumps(health.get("processes", []))
-    if extra != "[]":
-        print(f"  processes {extra}")
+        print(f"  {name:<12} {value}")
+    runs = ", ".join(f"{k} {v}" for k, v in sorted(info.get("runs", {}).items())) or "none"
+    print(f"  runs         {runs}")
+    print(f"  open streams {info.get('open_streams')} (this web process)")
+    for p in info.get("processes", []):
+        print(f"  {p['name']:<12} {p['state']:<9} pid {p['pid']}  restarts {p['restarts']}"
+              f"  {p.get('status', '')}")
     return 0 if ready.get("status") == "ready" else 1

@@ -4,7 +4,9 @@ decides the status codes. The SSE routes are dispatched to streams.py as raw ASG
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -213,6 +215,10 @@ def register(app: Quart, state: WebState) -> None:
         return json_response({"success": outcome.success, "result": outcome.result,
                               "error": outcome.error})
 
+    @app.get("/api/status")
+    async def status() -> Response:
+        return json_response(await status_view(state))
+
     @app.get("/openapi.json")
     async def openapi() -> Response:
         return json_response(openapi_document(_paths(app)))
@@ -220,6 +226,29 @@ def register(app: Quart, state: WebState) -> None:
     @app.get("/docs")
     async def docs() -> Response:
         return Response(DOCS_HTML, content_type="text/html")
+
+
+async def status_view(state: WebState) -> dict[str, Any]:
+    """Counts for operators: this process's streams, runs by status, every process's state."""
+    runs_by_status = await state.db.run(q.counts_by_status)
+    tree: dict[str, Any] = {}
+    path = os.environ.get("AGENTD_RUNTIME_DIR")
+    if path:
+        try:
+            tree = json.loads(await trio.Path(path, "tree.json").read_text())
+        except (OSError, ValueError):
+            tree = {}
+    started = tree.get("supervisor", {}).get("started_at")
+    return {
+        "version": "0.1.0",
+        "uptime_s": round(time.time() - started, 1) if started else None,
+        "open_streams": state.open_streams,
+        "requests_in_flight": state.in_flight,
+        "draining": state.life.draining.is_set(),
+        "runs": runs_by_status,
+        "processes": tree.get("children", []),
+        "restarts_by_role": tree.get("restarts_by_role", {}),
+    }
 
 
 def _paths(app: Quart) -> dict[str, Any]:
