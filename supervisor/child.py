@@ -300,8 +300,12 @@ async def _run_once(
         )
         return (process.returncode or 0, was_ready)
     finally:
-        with trio.CancelScope(shield=True):
+        # Shielded: the stop must happen even though our layer is being cancelled; bounded:
+        # `_stop` SIGKILLs at the layer's deadline, and this scope allows 2 s to reap.
+        with trio.CancelScope(shield=True, deadline=tree.kill_deadline(spec.layer) + 2):
             await _stop(spec, tree, incarnation)
+        for message in listener.pending():
+            incarnation.handle(message)
         listener.close()
         tree.changed()
 

@@ -91,15 +91,25 @@ class NotifyListener:
         self.path = path
         if os.path.exists(path):
             os.unlink(path)
-        self._sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        # Binding a unix socket is a local, non-blocking operation; do it now so the path
-        # exists before the child that will write to it is spawned.
-        self._sock._sock.bind(path)  # type: ignore[attr-defined]
+        # Bound now, synchronously, so the path exists before the child that writes to it
+        # is spawned (binding a unix socket is local and does not block).
+        self._raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._raw.bind(path)
         os.chmod(path, 0o600)
+        self._sock = trio.socket.from_stdlib_socket(self._raw)
 
     async def receive(self) -> dict[str, str]:
         data = await self._sock.recv(MAX_DATAGRAM)
         return parse(data)
+
+    def pending(self) -> list[dict[str, str]]:
+        """Messages already queued, without waiting (what a child said just before exit)."""
+        found = []
+        while True:
+            try:
+                found.append(parse(self._raw.recv(MAX_DATAGRAM, socket.MSG_DONTWAIT)))
+            except (BlockingIOError, OSError):
+                return found
 
     def close(self) -> None:
         self._sock.close()

@@ -291,6 +291,8 @@ def _finish(tree: Tree, uptime: float) -> int:
         duration_s=round(duration, 3),
         uptime_s=round(uptime, 3),
         children={name: c.outcome or c.state.value for name, c in tree.children.items()},
+        # What the children said last (web: streams ended by reason; agent: runs ended).
+        reports={name: c.status for name, c in tree.children.items() if c.status},
         killed=tree.killed,
         exit_status=code,
     )

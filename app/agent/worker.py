@@ -56,6 +56,8 @@ class Worker:
         self.active: dict[str, tuple[trio.CancelScope, RunState]] = {}
         self.wake = trio.Event()
         self.idle = trio.Event()
+        #: Runs that ended after the drain began, by reason (for the shutdown summary).
+        self.ended_during_drain: dict[str, int] = {}
 
     # The loops -----------------------------------------------------------------------------
 
@@ -218,6 +220,8 @@ class Worker:
                 end["fallback"] = state.fallback
             await self.deps.writer.append_now(run_id, "end", encode("end", run_id, **end),
                                               expire=True)
+        if self.life.draining.is_set():
+            self.ended_during_drain[reason] = self.ended_during_drain.get(reason, 0) + 1
         if persist.cancelled_caught:
             log.error("run_persist_timeout", run_id=run_id, reason=reason)
         elapsed = time.monotonic() - state.started
@@ -270,4 +274,7 @@ async def serve_worker(settings: Settings, life: Lifecycle, db: Database,
                     await worker.idle.wait()
                 break
             runs.cancel_scope.cancel()
+        ended = " ".join(f"{k}={v}" for k, v in sorted(worker.ended_during_drain.items()))
+        life.status(f"runs ended: {ended or 'none'}")
+        log.info("drained", runs_ended=worker.ended_during_drain)
         outer.cancel_scope.cancel()

@@ -1,5 +1,19 @@
 """PostgreSQL: the pool (psycopg in threads), schema migrations, and the queries."""
 
-from app.db.pool import Database, DatabaseError, DatabaseUnavailable, open_database
+from app.db.pool import (
+    Connection,
+    Database,
+    DatabaseError,
+    DatabaseUnavailable,
+    mapped_errors,
+    open_database,
+)
 
-__all__ = ["Database", "DatabaseError", "DatabaseUnavailable", "open_database"]
+__all__ = [
+    "Connection",
+    "Database",
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "mapped_errors",
+    "open_database",
+]

@@ -48,7 +48,8 @@ class WebState:
     open_streams: int = 0
     _quiet: trio.Event = field(default_factory=trio.Event)
     _health: tuple[float, dict[str, Any]] | None = None
-    shutdown_ends: int = 0
+    #: `end` events sent to clients since the drain began, by reason (for the summary).
+    ends_during_drain: dict[str, int] = field(default_factory=dict)
     hub: EventHub = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +59,10 @@ class WebState:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.hub.serve)
             task_status.started()
+
+    def count_end(self, reason: str) -> None:
+        if self.life.draining.is_set():
+            self.ends_during_drain[reason] = self.ends_during_drain.get(reason, 0) + 1
 
     def stream_cutoff(self) -> float:
         """When a draining stream stops waiting for its agent's `end` and sends its own."""

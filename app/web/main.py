@@ -79,5 +79,7 @@ async def run(settings: Settings) -> int:
                 )
                 life.ready(f"web listening on fd {fd}")
         nursery.cancel_scope.cancel()
-    log.info("stopped")
+        ends = " ".join(f"{k}={v}" for k, v in sorted(state.ends_during_drain.items()))
+        life.status(f"streams ended: {ends or 'none'}")
+    log.info("stopped", streams_ended=state.ends_during_drain)
     return 0

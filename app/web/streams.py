@@ -88,7 +88,7 @@ async def _relay(state: WebState, hub: EventHub, send: Send, run_id: str,
     try:
         for event in await read_after(state.redis, run_id, last_id, count=100_000):
             sub.last_id = event.id
-            if await _send_event(send, event):
+            if await _send_event(state, send, event):
                 return True
         life = state.life
         while True:
@@ -97,7 +97,7 @@ async def _relay(state: WebState, hub: EventHub, send: Send, run_id: str,
                 timeout = min(timeout, max(0.0, state.stream_cutoff() - trio.current_time()))
             with trio.move_on_after(timeout):
                 for event in await sub.receive.receive():
-                    if await _send_event(send, event):
+                    if await _send_event(state, send, event):
                         return True
                 continue
             if life.draining.is_set() and trio.current_time() >= state.stream_cutoff():
@@ -108,10 +108,13 @@ async def _relay(state: WebState, hub: EventHub, send: Send, run_id: str,
         sub.close()
 
 
-async def _send_event(send: Send, event: Event) -> bool:
+async def _send_event(state: WebState, send: Send, event: Event) -> bool:
     await send({"type": "http.response.body", "more_body": True,
                 "body": encode_event(event.id, event.type, event.data)})
-    return event.type == "end"
+    if event.type != "end":
+        return False
+    state.count_end(str(event.payload().get("reason")))
+    return True
 
 
 async def _send_own_end(state: WebState, send: Send, run_id: str) -> None:
@@ -126,6 +129,6 @@ async def _send_own_end(state: WebState, send: Send, run_id: str) -> None:
         "detail": ("agentd is shutting down; this run is kept and continues after the restart. "
                    f"Follow it with GET /api/runs/{run_id}/events and Last-Event-ID."),
     })
-    state.shutdown_ends += 1
+    state.count_end("server_shutdown")
     await send({"type": "http.response.body", "body": encode_event(None, "end", data),
                 "more_body": True})
