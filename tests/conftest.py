@@ -4,12 +4,21 @@
 serve` starts them: `infra_specs` → `Tree` → `run_tree`. pytest-trio has no session-scoped
 trio fixtures, so the tree runs in its own `trio.run` in a thread that lives all session
 (it must: `PR_SET_PDEATHSIG` kills a child when the *thread* that forked it ends).
+
+`infra_dir`: a directory for data of embedded servers. Not pytest's tmp_path: when we are
+root, PostgreSQL runs as another user that must be able to reach its data directory, and
+every pytest session that starts (another one on the same machine, say) resets
+/tmp/pytest-of-root to 0700, which would lock a running cluster's user out.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -22,7 +31,6 @@ from supervisor.run import Tree, run_tree
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -89,9 +97,28 @@ async def _migrate(url: str) -> None:
             await migrate(db)
 
 
+@contextmanager
+def _private_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="agentd-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def infra_dir() -> Iterator[Path]:
+    with _private_dir() as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
-def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
-    base = tmp_path_factory.mktemp("infra")
+def infra() -> Iterator[Infra]:
+    with _private_dir() as base:
+        yield from _run_infra(base)
+
+
+def _run_infra(base: Path) -> Iterator[Infra]:
     data_dir, runtime_dir = base / "data", base / "run"
     specs, database_url, redis_url = infra_specs(
         data_dir, runtime_dir, database_url=None, redis_url=None

@@ -109,23 +109,23 @@ async def test_session_infra_answers_on_private_unix_sockets(infra):
     assert "listen_addresses=" in psutil.Process(postmaster).cmdline()  # no TCP
 
 
-async def test_data_survives_a_restart(tmp_path):
-    async with running_infra(tmp_path) as first:
+async def test_data_survives_a_restart(infra_dir):
+    async with running_infra(infra_dir) as first:
         await sql(first.database_url, "CREATE TABLE kept (note text)")
         await sql(first.database_url, "INSERT INTO kept VALUES ('still here')")
         async with open_redis(first.redis_url) as redis:
             await redis.set("kept", "also here")
     assert first.exit_code == 0
 
-    async with running_infra(tmp_path) as second:
+    async with running_infra(infra_dir) as second:
         assert await sql(second.database_url, "SELECT note FROM kept") == [("still here",)]
         async with open_redis(second.redis_url) as redis:
             assert await redis.get("kept") == "also here"
     assert second.exit_code == 0
 
 
-async def test_no_postgres_or_redis_process_remains_after_shutdown(tmp_path):
-    async with running_infra(tmp_path) as running:
+async def test_no_postgres_or_redis_process_remains_after_shutdown(infra_dir):
+    async with running_infra(infra_dir) as running:
         await sql(running.database_url, "SELECT 1")
         processes = infra_processes(running)
         assert len(processes) >= 4  # postmaster, its helpers, redis
@@ -135,8 +135,8 @@ async def test_no_postgres_or_redis_process_remains_after_shutdown(tmp_path):
     assert not running.pidfile.exists()
 
 
-async def test_postgres_killed_with_sigkill_comes_back_despite_its_stale_pid_file(tmp_path):
-    async with running_infra(tmp_path) as running:
+async def test_postgres_killed_with_sigkill_comes_back_despite_its_stale_pid_file(infra_dir):
+    async with running_infra(infra_dir) as running:
         await sql(running.database_url, "CREATE TABLE kept (note text)")
         await sql(running.database_url, "INSERT INTO kept VALUES ('committed')")
         postgres = running.tree.children["postgres"]
@@ -151,8 +151,8 @@ async def test_postgres_killed_with_sigkill_comes_back_despite_its_stale_pid_fil
     assert running.exit_code == 0
 
 
-async def test_stale_pid_file_naming_a_live_process_does_not_block_start(tmp_path):
-    async with running_infra(tmp_path) as first:
+async def test_stale_pid_file_naming_a_live_process_does_not_block_start(infra_dir):
+    async with running_infra(infra_dir) as first:
         stale = first.pidfile.read_text().splitlines()
     # The next boot: the pid in the leftover file now belongs to some other process of the
     # same user (postgres would refuse to start, thinking a server still runs).
@@ -164,7 +164,7 @@ async def test_stale_pid_file_naming_a_live_process_does_not_block_start(tmp_pat
         first.pidfile.write_text("\n".join([str(squatter.pid), *stale[1:]]) + "\n")
         if os.geteuid() == 0:
             os.chown(first.pidfile, psutil.Process(squatter.pid).uids().real, -1)
-        async with running_infra(tmp_path) as second:
+        async with running_infra(infra_dir) as second:
             assert await sql(second.database_url, "SELECT 1") == [(1,)]
             assert second.tree.children["postgres"].restarts == 0
         assert squatter.poll() is None  # not ours to touch
