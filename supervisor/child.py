@@ -246,7 +246,18 @@ async def _run_once(
 ) -> tuple[int, bool] | None:
     """Spawn, wait ready, watch until exit. None when cancelled (the process was stopped)."""
     if spec.prepare is not None:
-        spec.prepare()
+        # In a thread: a first start's initdb takes a second or more.
+        try:
+            await trio.to_thread.run_sync(spec.prepare)
+        except Exception as e:  # noqa: BLE001 - any failure here is a failed start, said once
+            status.outcome = f"could not prepare: {e}"
+            log.error("child_prepare_failed", child=spec.name, error=str(e))
+            if task_status is not None:
+                status.set(State.FAILED)
+                tree.fail(f"{spec.name} failed to start: {status.outcome}")
+                task_status.started()
+                return None
+            return (127, False)
     listener = NotifyListener(notify_path)
     status.set(State.STARTING)
     try:
