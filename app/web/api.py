@@ -208,7 +208,10 @@ def register(app: Quart, state: WebState) -> None:
         raw = await request.get_data(as_text=False)
         if name not in tools:
             raise NotFound(f"no tool named {name!r}")
-        arguments = json.loads(raw) if raw.strip() else {}
+        try:
+            arguments = json.loads(raw) if raw.strip() else {}
+        except (ValueError, UnicodeDecodeError):
+            raise BadJson("the arguments are not valid JSON") from None
         if not isinstance(arguments, dict):
             raise BadJson("the arguments must be a JSON object")
         outcome = await tools.call(name, arguments)
