@@ -14,6 +14,7 @@ import structlog
 import trio
 from quart import Response
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from app.events import EventHub
 from app.redis import RedisClient
@@ -34,6 +35,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 HEALTH_CACHE_S = 1.0
 STREAM_PATHS = ("/api/chat/stream",)
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 OPEN_PATHS = ("/live", "/ready", "/health", "/metrics", "/openapi.json", "/docs")
 
 
@@ -142,6 +144,16 @@ def create_app(state: WebState) -> ASGIApp:
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
         return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        # Quart's own refusals (no such route, wrong method, a body over MAX_CONTENT_LENGTH)
+        # in our error shape, with the status Quart chose.
+        status = error.code or 500
+        allow = {k: v for k, v in error.get_headers() if k.lower() == "allow"}
+        return error_response(ApiError(error.description or error.name, status=status,
+                                       code=HTTP_ERROR_CODES.get(status, "http_error"),
+                                       headers=allow))
 
     from app.web import api
 
