@@ -52,8 +52,17 @@ def setup(role: str, *, level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # Libraries that log through the standard library (hypercorn, httpx) go to stderr too,
-    # at warning and above, so their lines are not lost nor chatty.
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format=f"%(name)s [{role}] %(message)s"
-    )
+    # Libraries that log through the standard library (hypercorn, httpx, psycopg) go
+    # through structlog too, at warning and above: one format on stderr, JSON stays JSON.
+    root = logging.getLogger()
+    root.handlers[:] = [_ToStructlog()]
+    root.setLevel(logging.WARNING)
+
+
+class _ToStructlog(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        structlog.get_logger(record.name).log(record.levelno, message, logger=record.name)

@@ -152,12 +152,22 @@ class ChildProcess:
 
 
 def spawn(argv: list[str], *, env: dict[str, str], cwd: str | None, pass_fds: tuple[int, ...],
-          user: str | None, group: str | None) -> ChildProcess:
-    """Fork and exec a child in its own session that dies with the supervisor (I8)."""
-    popen = subprocess.Popen(
-        argv, env=env, cwd=cwd, pass_fds=pass_fds, start_new_session=True,
-        preexec_fn=functools.partial(_die_with_parent, os.getpid()), user=user, group=group,
-    )
+          user: str | None, group: str | None, log_file: str | None = None) -> ChildProcess:
+    """Fork and exec a child in its own session that dies with the supervisor (I8).
+
+    Its output goes to our stderr (journald), or to ``log_file`` for programs whose lines
+    are not agentd's JSON events (PostgreSQL, Redis).
+    """
+    out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - closed below
+    try:
+        popen = subprocess.Popen(
+            argv, env=env, cwd=cwd, pass_fds=pass_fds, start_new_session=True,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()), user=user,
+            group=group, stdout=out, stderr=out,
+        )
+    finally:
+        if out is not None:
+            out.close()
     return ChildProcess(popen)
 
 
@@ -268,6 +278,7 @@ async def _run_once(
             pass_fds=tuple(spec.pass_fds),
             user=spec.user,
             group=spec.group,
+            log_file=spec.log_file,
         )
     except OSError as e:
         listener.close()
@@ -302,13 +313,6 @@ async def _run_once(
             status.outcome = (
                 "watchdog" if incarnation.watchdog_fired else describe_exit(process.returncode or 0)
             )
-        log.log(
-            40 if not tree.stopping.is_set() else 20,
-            "child_exited",
-            child=spec.name,
-            child_pid=process.pid,
-            outcome=status.outcome,
-        )
         return (process.returncode or 0, was_ready)
     finally:
         # Shielded: the stop must happen even though our layer is being cancelled; bounded:
@@ -318,6 +322,9 @@ async def _run_once(
         for message in listener.pending():
             incarnation.handle(message)
         listener.close()
+        # Every path out of an incarnation (exit, crash, start failure, shutdown) ends here.
+        log.log(20 if tree.stopping.is_set() else 40, "child_exited", child=spec.name,
+                child_pid=process.pid, outcome=status.outcome)
         tree.changed()
 
 

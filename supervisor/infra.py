@@ -365,8 +365,16 @@ def postgres_spec(data_dir: Path, runtime_dir: Path) -> tuple[ChildSpec, str]:
         group=owner.group if owner is not None else None,
         cwd=str(data_dir),
         prepare=pg.prepare,
+        log_file=str(_log_dir(data_dir) / "postgres.log"),
     )
     return spec, pg.url
+
+
+def _log_dir(data_dir: Path) -> Path:
+    """Embedded infra logs in the data dir: their plain text stays out of agentd's JSON log."""
+    path = data_dir.absolute() / "log"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
 
 
 # Redis --------------------------------------------------------------------------------------
@@ -427,6 +435,7 @@ def redis_spec(data_dir: Path, runtime_dir: Path) -> tuple[ChildSpec, str]:
         stop_signal=signal.SIGTERM,  # clean stop: flushes and fsyncs the append-only file
         cwd=str(redis_dir.parent),
         prepare=prepare,
+        log_file=str(_log_dir(data_dir) / "redis.log"),
     )
     return spec, f"unix://{socket_path}"
 

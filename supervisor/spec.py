@@ -52,5 +52,7 @@ class ChildSpec:
     group: str | None = None
     cwd: str | None = None
     pass_fds: Sequence[int] = ()
+    #: Where the child's stdout/stderr go instead of the supervisor's stderr.
+    log_file: str | None = None
     #: Called (in the supervisor) before each spawn, e.g. to prepare a data directory.
     prepare: Callable[[], None] | None = None

@@ -246,12 +246,6 @@ def test_sigterm_leaves_no_descendant_alive(life: Life) -> None:
 
 
 @slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="supervisor/child.py `_run_once` logs `child_exited` only for a child that exits "
-    "before its layer is cancelled: at shutdown web, embedding, postgres and redis are "
-    "stopped by `_stop` (in `finally`, after Cancelled) and no `child_exited` is logged",
-)
 def test_sigterm_logs_child_exited_for_every_child_and_infra_last(life: Life) -> None:
     began = timestamp(next(e for e in life.events if e["event"] == "shutdown_started"))
     exited = {
@@ -266,12 +260,6 @@ def test_sigterm_logs_child_exited_for_every_child_and_infra_last(life: Life) ->
 
 
 @slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="supervisor/infra.py: embedded Redis logs to the supervisor's stdout and PostgreSQL "
-    "to its stderr, plain text between the JSON events (API.md: the embedded infra's logs "
-    "belong in AGENTD_DATA_DIR)",
-)
 def test_every_line_serve_writes_is_a_json_event(life: Life) -> None:
     """stdout and stderr together: what a log shipper reading `agentd serve` gets."""
     bad = []
