@@ -12,7 +12,7 @@ import os
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -23,8 +23,10 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 ENV_PREFIX = "AGENTD_"
@@ -110,11 +112,11 @@ class Settings(BaseSettings):
     web_workers: int = Field(1, ge=1, le=64)
     agent_workers: int = Field(1, ge=1, le=64)
 
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     jwt_secret: str | None = None
     rate_limit: str | None = None
-    cors_origins: list[str] = Field(default_factory=list)
-    trusted_proxies: list[str] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -284,6 +286,8 @@ def load(config_file: str | os.PathLike[str] | None = None) -> Settings:
         return Settings()
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
+    except SettingsError as e:
+        raise ConfigError(str(e).split(" from source")[0]) from None
     finally:
         _config_path = None
 

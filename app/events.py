@@ -88,21 +88,28 @@ class EventWriter:
     async def append_now(self, run_id: str, event_type: str, data_json: str,
                          *, expire: bool = False) -> str:
         """Write every buffered event, then this one; return its id."""
-        self._buffer.append((run_id, event_type, data_json))
-        ids = await self.flush(expire_runs={run_id} if expire else set())
+        # Buffer it only once we hold the lock: appended earlier, a flush already under way
+        # (another run's `end`, or the background flush) could take it, leaving our own
+        # flush an empty batch and no id to return.
+        async with self._lock:
+            self._buffer.append((run_id, event_type, data_json))
+            ids = await self._flush_locked(expire_runs={run_id} if expire else set())
         return ids[-1]
 
     async def flush(self, expire_runs: set[str] | None = None) -> list[str]:
         async with self._lock:
-            batch, self._buffer = self._buffer, []
-            if not batch:
-                return []
-            async with self._redis.pipeline(transaction=False) as pipe:
-                requests = [pipe.xadd(stream_key(run_id), {"t": t, "d": d})
-                            for run_id, t, d in batch]
-                for run_id in expire_runs or ():
-                    pipe.expire(stream_key(run_id), self._ttl)
-            return [_decode(await request) for request in requests]
+            return await self._flush_locked(expire_runs)
+
+    async def _flush_locked(self, expire_runs: set[str] | None) -> list[str]:
+        batch, self._buffer = self._buffer, []
+        if not batch:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            requests = [pipe.xadd(stream_key(run_id), {"t": t, "d": d})
+                        for run_id, t, d in batch]
+            for run_id in expire_runs or ():
+                pipe.expire(stream_key(run_id), self._ttl)
+        return [_decode(await request) for request in requests]
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:

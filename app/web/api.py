@@ -60,9 +60,9 @@ def parse_body(raw: bytes | str, model: type[M], limit: int) -> M:
         raise ValidationFailed(f"{where}: {first['msg']}") from None
 
 
-def owner_of(headers: Any) -> str:
-    """The authenticated user (auth arrives with the operating layer); one user without it."""
-    return "local"
+def owner_of(scope: Any) -> str:
+    """The authenticated user, set on the ASGI scope by the entry (app.entry)."""
+    return str(scope.get("agentd.user", "local"))
 
 
 async def create(state: WebState, body: ChatRequest, owner: str, on_disconnect: str
@@ -149,7 +149,7 @@ def register(app: Quart, state: WebState) -> None:
     @app.post("/api/chat")
     async def chat() -> Response:
         body = parse_body(await request.get_data(), ChatRequest, limit)
-        owner = owner_of(request.headers)
+        owner = owner_of(request.scope)
         new = await create(state, body, owner, "continue")
         run_limit = min(body.timeout or state.settings.run_timeout, state.settings.run_timeout)
         await wait_for_end(state, new.run_id, run_limit + CHAT_WAIT_MARGIN)
@@ -170,17 +170,17 @@ def register(app: Quart, state: WebState) -> None:
     @app.post("/api/runs")
     async def create_run() -> Response:
         body = parse_body(await request.get_data(), RunRequest, limit)
-        new = await create(state, body, owner_of(request.headers), body.on_disconnect)
+        new = await create(state, body, owner_of(request.scope), body.on_disconnect)
         return json_response({"run_id": new.run_id, "session_id": new.session_id,
                               "status": "queued"}, 202)
 
     @app.get("/api/runs/<run_id>")
     async def read_run(run_id: str) -> Response:
-        return json_response(run_view(await get_run(state, run_id, owner_of(request.headers))))
+        return json_response(run_view(await get_run(state, run_id, owner_of(request.scope))))
 
     @app.post("/api/runs/<run_id>/cancel")
     async def cancel(run_id: str) -> Response:
-        row = await get_run(state, run_id, owner_of(request.headers))
+        row = await get_run(state, run_id, owner_of(request.scope))
         if row["status"] in q.FINAL:
             return json_response({"run_id": run_id, "status": row["status"]}, 202)
         await streams.request_cancel(state, run_id)
@@ -190,7 +190,7 @@ def register(app: Quart, state: WebState) -> None:
     async def messages(session_id: str) -> Response:
         try:
             rows = await state.db.run(lambda c: q.messages(c, session_id,
-                                                           owner_of(request.headers)))
+                                                           owner_of(request.scope)))
         except q.NotFoundError:
             raise NotFound("no such session") from None
         for row in rows:

@@ -19,7 +19,9 @@ from werkzeug.exceptions import HTTPException
 from app.events import EventHub
 from app.redis import RedisClient
 from app.redis import ping as redis_ping
-from app.web.errors import ApiError, Unavailable, error_json
+from app.web.auth import Authenticator, ClientAddress
+from app.web.errors import ApiError, RateLimited, Unavailable, error_json, openai_error_json
+from app.web.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -162,28 +164,58 @@ def create_app(state: WebState) -> ASGIApp:
 
 
 def entry(app: ASGIApp, state: WebState) -> ASGIApp:
-    """ASGI wrapper around everything: request id, timing, in-flight count, drain refusal."""
+    """ASGI wrapper around everything: request id, timing, CORS, drain refusal, who is
+    asking (auth), rate limits, in-flight count; then the SSE routes or the Quart app."""
+    settings = state.settings
+    auth = Authenticator(settings)
+    addresses = ClientAddress(settings.trusted_proxies)
+    limiter = RateLimiter(state.redis, settings.rate_limit) if settings.rate_limit else None
+    cors = set(settings.cors_origins)
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
         began = time.perf_counter()
-        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
-        extra = [(b"x-request-id", request_id.encode()[:200])]
+        request_id = (_header(scope, b"x-request-id") or uuid.uuid4().hex)[:200]
+        extra = [(b"x-request-id", request_id.encode("latin-1", "replace"))]
+        origin = _header(scope, b"origin")
+        if cors and origin and ("*" in cors or origin in cors):
+            extra += _cors_headers(origin if "*" not in cors else "*")
+        path: str = scope["path"]
+        guarded = path.startswith(("/api/", "/v1/"))
+        status_seen: list[int] = []
 
         async def send_with_headers(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
+                status_seen.append(message["status"])
                 elapsed = f"{time.perf_counter() - began:.6f}".encode()
                 message["headers"] = [*message.get("headers", []), *extra,
                                       (b"x-process-time", elapsed)]
             await send(message)
 
-        path: str = scope["path"]
-        if state.life.draining.is_set() and path.startswith(("/api/", "/v1/")):
-            error = Unavailable("agentd is shutting down; retry on another instance or shortly",
-                                code="draining")
-            await _send_error(send_with_headers, error)
+        client = addresses.of((scope.get("client") or (None,))[0],
+                              _header(scope, b"x-forwarded-for"), _header(scope, b"x-real-ip"))
+        scope["agentd.client"] = client
+        try:
+            if scope["method"] == "OPTIONS" and cors and origin:
+                await _send_empty(send_with_headers, 204)
+                return
+            if guarded and state.life.draining.is_set():
+                raise Unavailable("agentd is shutting down; retry on another instance or "
+                                  "shortly", code="draining")
+            if guarded:
+                user = auth.user(_header(scope, b"authorization"))
+                scope["agentd.user"] = user
+                if limiter is not None:
+                    wait = await limiter.hit(user if auth.enabled else client)
+                    if wait is not None:
+                        raise RateLimited(f"over the rate limit of {settings.rate_limit}; "
+                                          f"retry in {wait:g} s",
+                                          headers={"Retry-After": f"{wait:g}"})
+        except ApiError as error:
+            await _send_error(send_with_headers, error, openai=path.startswith("/v1/"))
+            _log_request(scope, client, status_seen, began, request_id)
             return
         state.request_started()
         try:
@@ -195,8 +227,30 @@ def entry(app: ASGIApp, state: WebState) -> ASGIApp:
             await app(scope, receive, send_with_headers)
         finally:
             state.request_finished()
+            _log_request(scope, client, status_seen, began, request_id)
 
     return asgi
+
+
+def _log_request(scope: Scope, client: str, status: list[int], began: float,
+                 request_id: str) -> None:
+    log.info("request", method=scope["method"], path=scope["path"], client=client,
+             status=status[0] if status else None, request_id=request_id,
+             duration_ms=round((time.perf_counter() - began) * 1000, 2))
+
+
+def _cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
+    return [(b"access-control-allow-origin", origin.encode()),
+            (b"access-control-allow-headers",
+             b"authorization, content-type, last-event-id, x-request-id"),
+            (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+            (b"access-control-expose-headers", b"x-request-id, x-process-time, retry-after"),
+            (b"vary", b"origin")]
+
+
+async def _send_empty(send: Send, status: int) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -206,8 +260,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_error(send: Send, error: ApiError) -> None:
+async def _send_error(send: Send, error: ApiError, *, openai: bool = False) -> None:
     headers = [(b"content-type", b"application/json")]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    body = openai_error_json(error) if openai else error_json(error)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": error_json(error)})
+    await send({"type": "http.response.body", "body": body})

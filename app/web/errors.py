@@ -80,3 +80,17 @@ def outcome_error(reason: str, message: str, extra: dict[str, Any]) -> ApiError:
 
 def error_json(error: ApiError) -> bytes:
     return json.dumps(error.body()).encode()
+
+
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                413: "invalid_request_error", 422: "invalid_request_error",
+                429: "rate_limit_error", 503: "server_error"}
+
+
+def openai_error_json(error: ApiError) -> bytes:
+    """OpenAI's error shape for /v1 (API.md): message, type, code (a string), param."""
+    body = {"error": {"message": error.message,
+                      "type": OPENAI_TYPES.get(error.status, "server_error"),
+                      "code": error.code, "param": error.extra.get("param")}}
+    extra = {k: v for k, v in error.extra.items() if k != "param"}
+    return json.dumps({**body, **extra}).encode()
