@@ -7,6 +7,7 @@ public listener once so that every web child shares it.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -53,6 +54,13 @@ def bind_listener(bind: str) -> socket.socket:
         sock.bind((host, int(port)))
     sock.listen(1024)
     return sock
+
+
+def _forget_metrics(directory: str, pid: int) -> None:
+    """An exited process's live gauges (open streams) must not linger in /metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 def app_specs(settings: Settings, env: dict[str, str], listen_fd: int) -> list[ChildSpec]:
@@ -114,6 +122,7 @@ def serve(settings: Settings, config_file: str | None) -> int:
         # I5: the listener is closed in every process that holds it, the supervisor included,
         # the moment the drain starts.
         on_drain=listener.close,
+        on_exit=functools.partial(_forget_metrics, str(runtime_dir / "metrics")),
     )
     log.info("starting", bind=settings.bind, data_dir=str(data_dir),
              embedded=[spec.name for spec in infra],

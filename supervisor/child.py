@@ -322,6 +322,8 @@ async def _run_once(
         for message in listener.pending():
             incarnation.handle(message)
         listener.close()
+        if tree.on_exit is not None:
+            tree.on_exit(process.pid)
         # Every path out of an incarnation (exit, crash, start failure, shutdown) ends here.
         log.log(20 if tree.stopping.is_set() else 40, "child_exited", child=spec.name,
                 child_pid=process.pid, outcome=status.outcome)

@@ -38,6 +38,7 @@ log = structlog.get_logger("supervisor")
 
 SNAPSHOT_FILE = "tree.json"
 SHUTDOWN_FILE = "shutdown.json"
+LAST_SHUTDOWN_FILE = "last_shutdown.json"
 
 
 class Tree:
@@ -52,6 +53,7 @@ class Tree:
         shutdown_reserve: float,
         intensity: RestartIntensity | None = None,
         on_drain: Callable[[], None] | None = None,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
@@ -69,6 +71,8 @@ class Tree:
         self.escalated = False
         self.failed_to_start = False
         self._on_drain = on_drain
+        #: Called with the pid of every child process that has exited (e.g. metrics cleanup).
+        self.on_exit = on_exit
         self._stop_started: float | None = None
         self._started_wall = time.time()
         self.upstream = Notifier()
@@ -285,6 +289,10 @@ def _finish(tree: Tree, uptime: float) -> int:
     stop_started = tree._stop_started
     duration = trio.current_time() - stop_started if stop_started is not None else 0.0
     tree.changed()
+    summary = {"reason": tree.reason, "duration_s": round(duration, 3),
+               "killed": tree.killed, "exit_status": code, "finished_at": time.time(),
+               "reports": {name: c.status for name, c in tree.children.items() if c.status}}
+    _write_atomic(tree.runtime_dir / LAST_SHUTDOWN_FILE, json.dumps(summary))
     log.info(
         "shutdown_complete",
         reason=tree.reason,

@@ -21,6 +21,8 @@ import structlog
 import trio
 import trio.lowlevel
 
+from app import metrics
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
@@ -94,15 +96,17 @@ class OpenAIProvider:
             for e in self.endpoints
         ]
         self.model = primary.model
-        self.on_retry: Callable[[str], None] = lambda model: None
 
     async def stream_turn(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                           on_token: Callable[[str], None]) -> Turn:
         last: LLMError | None = None
         for client, endpoint in zip(self._clients, self.endpoints, strict=True):
             try:
-                return await self._with_retries(client, endpoint, messages, tools, on_token)
+                turn = await self._with_retries(client, endpoint, messages, tools, on_token)
+                metrics.llm_requests.labels(endpoint.model, "success").inc()
+                return turn
             except LLMError as e:
+                metrics.llm_requests.labels(endpoint.model, "failure").inc()
                 if e.streamed or isinstance(e, LLMStalled):
                     raise
                 last = e
@@ -127,7 +131,7 @@ class OpenAIProvider:
                     raise LLMError(_friendly(e, endpoint), streamed=streamed) from e
                 delay = _retry_delay(e, attempt)
                 attempt += 1
-                self.on_retry(endpoint.model)
+                metrics.llm_retries.labels(endpoint.model).inc()
                 log.info("llm_retry", model=endpoint.model, status=status, attempt=attempt,
                          delay_s=round(delay, 2))
                 await trio.sleep(delay)
@@ -218,8 +222,6 @@ class LocalProvider:
 
     model = LOCAL_MODEL
 
-    def __init__(self) -> None:
-        self.on_retry: Callable[[str], None] = lambda model: None
 
     async def stream_turn(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                           on_token: Callable[[str], None]) -> Turn:

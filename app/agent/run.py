@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 import trio
 
+from app import metrics
 from app.agent.llm import LLMError, LLMStalled, Turn
 from app.events import EventWriter, encode
 
@@ -149,8 +150,11 @@ async def _run_tools(state: RunState, deps: RunDeps, turn: Turn,
         results[i] = result
         state.tool_results.append(result)
         writer.append(run_id, "tool_result", encode("tool_result", run_id, **result))
+        elapsed = time.monotonic() - began
+        metrics.tool_calls.labels(call.name, "success" if outcome.success else "error").inc()
+        metrics.tool_duration.labels(call.name).observe(elapsed)
         log.info("tool_called", run_id=run_id, tool=call.name, success=outcome.success,
-                 duration_ms=round((time.monotonic() - began) * 1000, 1))
+                 duration_ms=round(elapsed * 1000, 1))
 
     async with trio.open_nursery() as nursery:
         for i in range(len(calls)):

@@ -27,6 +27,7 @@ import psycopg
 import structlog
 import trio
 
+from app import metrics
 from app.agent.llm import LocalProvider, OpenAIProvider
 from app.agent.run import RunDeps, RunState, Stalled, execute
 from app.agent.tools import default_registry
@@ -225,6 +226,15 @@ class Worker:
         if persist.cancelled_caught:
             log.error("run_persist_timeout", run_id=run_id, reason=reason)
         elapsed = time.monotonic() - state.started
+        from app.db.runs import STORED
+
+        metrics.runs.labels(STORED[reason][0]).inc()
+        metrics.run_ends.labels(reason).inc()
+        metrics.run_duration.observe(elapsed)
+        metrics.run_iterations.observe(state.iterations)
+        model = self.deps.provider.model
+        metrics.llm_tokens.labels(model, "in").inc(state.usage["prompt_tokens"])
+        metrics.llm_tokens.labels(model, "out").inc(state.usage["completion_tokens"])
         log.log(30 if elapsed > 10 else 20, "slow_run" if elapsed > 10 else "run_finished",
                 run_id=run_id, reason=reason, iterations=state.iterations,
                 tokens_out=state.usage["completion_tokens"], tokens_in=state.usage["prompt_tokens"],

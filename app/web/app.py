@@ -4,6 +4,8 @@ drain refusals) and the Quart app with the health routes. /api routes live in ap
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -16,6 +18,7 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from app import metrics
 from app.events import EventHub
 from app.redis import RedisClient
 from app.redis import ping as redis_ping
@@ -62,11 +65,19 @@ class WebState:
     async def serve_background(self, *, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.hub.serve)
+            nursery.start_soon(self._wake_streams_at_drain)
             task_status.started()
+
+    async def _wake_streams_at_drain(self) -> None:
+        # A stream with nothing to relay (its run still queued, or its agent gone) would
+        # otherwise learn of the drain only at its next keep-alive, after its cutoff.
+        await self.life.draining.wait()
+        self.hub.wake_all()
 
     def count_end(self, reason: str) -> None:
         if self.life.draining.is_set():
             self.ends_during_drain[reason] = self.ends_during_drain.get(reason, 0) + 1
+            metrics.shutdown_streams.labels(reason).inc()
 
     def stream_cutoff(self) -> float:
         """When a draining stream stops waiting for its agent's `end` and sends its own."""
@@ -143,6 +154,19 @@ def create_app(state: WebState) -> ASGIApp:
         result = await state.health()
         return json_response(result, 200 if result["status"] == "healthy" else 503)
 
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        extra = metrics.tree_lines(os.environ.get("AGENTD_RUNTIME_DIR"))
+        with trio.move_on_after(2):
+            active = await state.db.fetchone(
+                "SELECT count(DISTINCT session_id) AS n FROM runs"
+                " WHERE created_at > now() - interval '15 minutes'")
+            extra += metrics.gauge_line("agentd_active_sessions",
+                                        "sessions with a run in the last 15 minutes",
+                                        float(active["n"]) if active else 0.0)
+        body, content_type = metrics.render(extra)
+        return Response(body, content_type=content_type)
+
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
         return error_response(error)
@@ -210,6 +234,7 @@ def entry(app: ASGIApp, state: WebState) -> ASGIApp:
                 if limiter is not None:
                     wait = await limiter.hit(user if auth.enabled else client)
                     if wait is not None:
+                        metrics.rate_limited.inc()
                         raise RateLimited(f"over the rate limit of {settings.rate_limit}; "
                                           f"retry in {wait:g} s",
                                           headers={"Retry-After": f"{wait:g}"})
@@ -234,9 +259,23 @@ def entry(app: ASGIApp, state: WebState) -> ASGIApp:
 
 def _log_request(scope: Scope, client: str, status: list[int], began: float,
                  request_id: str) -> None:
+    elapsed = time.perf_counter() - began
+    route = _route(scope["path"], status[0] if status else 0)
+    metrics.http_requests.labels(route, scope["method"], str(status[0] if status else 0)).inc()
+    metrics.http_duration.labels(route).observe(elapsed)
     log.info("request", method=scope["method"], path=scope["path"], client=client,
              status=status[0] if status else None, request_id=request_id,
              duration_ms=round((time.perf_counter() - began) * 1000, 2))
+
+
+_ID_SEGMENT = re.compile(r"/(?:[0-9a-fA-F-]{16,}|\d+)(?=/|$)")
+
+
+def _route(path: str, status: int) -> str:
+    """A low-cardinality route label: ids become {id}; unknown paths are one label."""
+    if status == 404 and not path.startswith(("/api/", "/v1/")):
+        return "unmatched"
+    return _ID_SEGMENT.sub("/{id}", path)[:100]
 
 
 def _cors_headers(origin: str) -> list[tuple[bytes, bytes]]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from app import metrics
 from app.events import CONTROL_STREAM, Event, EventHub, read_after
 from app.web.sse import KEEPALIVE, encode_event
 
@@ -54,6 +55,7 @@ async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Rece
     await send({"type": "http.response.body", "body": encode_event(None, "run", run_event),
                 "more_body": True})
     state.open_streams += 1
+    metrics.open_streams.inc()
     ended = False
     left = False
     try:
@@ -71,6 +73,7 @@ async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Rece
             nursery.cancel_scope.cancel()
     finally:
         state.open_streams -= 1
+        metrics.open_streams.dec()
         if left and not ended:
             log.info("stream_client_left", run_id=run_id, on_disconnect=on_disconnect)
             if on_disconnect == "cancel":
