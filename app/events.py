@@ -169,6 +169,14 @@ class EventHub:
             self._subs.pop(sub.run_id, None)
         sub.send.close()
 
+    def wake_all(self) -> None:
+        """Hand every subscriber an empty batch, so that a stream waiting for its next event
+        (or its keep-alive, up to 10 s away) looks again now: the drain has begun and its
+        deadline to end on its own is sooner than that."""
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.send.send_nowait([])
+
     def _wake_reader(self) -> None:
         # A blocking XREAD doesn't see new keys: restart it with the new key set.
         if self._reader_scope is not None:
