@@ -1,7 +1,10 @@
 """SSE relay of a run's events, as raw ASGI: the lean hot path (notes/stack.md).
 
 Per event the work is a dict lookup and one write: events arrive from the process's single
-`EventHub` reader already serialised, and are framed by `sse.encode_event`.
+`EventHub` reader already serialised, and are framed by `sse.encode_event`. Another wire
+format over the same runs (OpenAI's chunks on /v1, web/openai_compat.py) passes its own
+`Framing`; everything else here (replay, keep-alives, the drain's own `end`, a client that
+leaves) is the same for both.
 
     stream ─┬─ relay: replay (XRANGE after Last-Event-ID), then live events from the hub,
             │         keep-alive comments when idle; at the drain deadline, an `end` of
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 import trio
@@ -35,6 +38,34 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
+class Framing(Protocol):
+    """How a stream's bytes are written: its opening, each run event, and its closing."""
+
+    def start(self, run_id: str, session_id: str, status: str) -> bytes: ...
+
+    def event(self, event_id: str | None, event_type: str, data_json: str) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+
+class RunEvents:
+    """The /api framing (API.md, Run events): a `run` event first, then the events as stored."""
+
+    def start(self, run_id: str, session_id: str, status: str) -> bytes:
+        run_event = json.dumps({"type": "run", "run_id": run_id, "session_id": session_id,
+                                "status": status})
+        return encode_event(None, "run", run_event)
+
+    # The hot path: the encoder itself, no wrapper call per event.
+    event = staticmethod(encode_event)
+
+    def close(self) -> bytes:
+        return b""
+
+
+RUN_EVENTS = RunEvents()
+
+
 async def request_cancel(state: WebState, run_id: str) -> None:
     """Ask whichever agent holds the run to stop (or end it here if it is still queued)."""
     from app.web.api import cancel_queued
@@ -45,14 +76,12 @@ async def request_cancel(state: WebState, run_id: str) -> None:
 
 async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Receive, send: Send,
                  *, run_id: str, session_id: str, status: str, last_id: str | None,
-                 on_disconnect: str, extra_headers: list[tuple[bytes, bytes]] | None = None
-                 ) -> None:
+                 on_disconnect: str, extra_headers: list[tuple[bytes, bytes]] | None = None,
+                 framing: Framing = RUN_EVENTS) -> None:
     hub: EventHub = state.hub
     await send({"type": "http.response.start", "status": 200,
                 "headers": [*SSE_HEADERS, *(extra_headers or [])]})
-    run_event = json.dumps({"type": "run", "run_id": run_id, "session_id": session_id,
-                            "status": status})
-    await send({"type": "http.response.body", "body": encode_event(None, "run", run_event),
+    await send({"type": "http.response.body", "body": framing.start(run_id, session_id, status),
                 "more_body": True})
     state.open_streams += 1
     metrics.open_streams.inc()
@@ -69,7 +98,7 @@ async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Rece
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_disconnect)
-            ended = await _relay(state, hub, send, run_id, last_id)
+            ended = await _relay(state, hub, send, framing, run_id, last_id)
             nursery.cancel_scope.cancel()
     finally:
         state.open_streams -= 1
@@ -81,17 +110,17 @@ async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Rece
                     await request_cancel(state, run_id)
     if not left:
         # The chunked terminator, then hypercorn closes (or keeps) the connection cleanly.
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": framing.close(), "more_body": False})
 
 
-async def _relay(state: WebState, hub: EventHub, send: Send, run_id: str,
+async def _relay(state: WebState, hub: EventHub, send: Send, framing: Framing, run_id: str,
                  last_id: str | None) -> bool:
     """Send events until `end`; return True when an `end` was sent."""
     sub = hub.subscribe(run_id, last_id or "0-0")
     try:
         for event in await read_after(state.redis, run_id, last_id, count=100_000):
             sub.last_id = event.id
-            if await _send_event(state, send, event):
+            if await _send_event(state, send, framing, event):
                 return True
         life = state.life
         while True:
@@ -100,27 +129,28 @@ async def _relay(state: WebState, hub: EventHub, send: Send, run_id: str,
                 timeout = min(timeout, max(0.0, state.stream_cutoff() - trio.current_time()))
             with trio.move_on_after(timeout):
                 for event in await sub.receive.receive():
-                    if await _send_event(state, send, event):
+                    if await _send_event(state, send, framing, event):
                         return True
                 continue
             if life.draining.is_set() and trio.current_time() >= state.stream_cutoff():
-                await _send_own_end(state, send, run_id)
+                await _send_own_end(state, send, framing, run_id)
                 return True
             await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
     finally:
         sub.close()
 
 
-async def _send_event(state: WebState, send: Send, event: Event) -> bool:
-    await send({"type": "http.response.body", "more_body": True,
-                "body": encode_event(event.id, event.type, event.data)})
+async def _send_event(state: WebState, send: Send, framing: Framing, event: Event) -> bool:
+    body = framing.event(event.id, event.type, event.data)
+    if body:  # a framing may have nothing to say for some events
+        await send({"type": "http.response.body", "more_body": True, "body": body})
     if event.type != "end":
         return False
     state.count_end(str(event.payload().get("reason")))
     return True
 
 
-async def _send_own_end(state: WebState, send: Send, run_id: str) -> None:
+async def _send_own_end(state: WebState, send: Send, framing: Framing, run_id: str) -> None:
     """The agent could not end this stream in time (queued run, or agent gone): we do.
 
     Not written to the run's stream: a queued run continues after the restart, and its
@@ -133,5 +163,5 @@ async def _send_own_end(state: WebState, send: Send, run_id: str) -> None:
                    f"Follow it with GET /api/runs/{run_id}/events and Last-Event-ID."),
     })
     state.count_end("server_shutdown")
-    await send({"type": "http.response.body", "body": encode_event(None, "end", data),
+    await send({"type": "http.response.body", "body": framing.event(None, "end", data),
                 "more_body": True})
