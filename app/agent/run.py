@@ -44,6 +44,7 @@ class RunState:
                                                            "completion_tokens": 0})
     fallback: str | None = None
     cancel_reason: str | None = None
+    cached: bool = False
     detail: str | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -75,10 +76,7 @@ async def execute(state: RunState, deps: RunDeps, history: list[dict[str, Any]],
         state.content.append(text)
         writer.append(run_id, "token", encode("token", run_id, content=text))
 
-    messages: list[dict[str, Any]] = [{"role": "system", "content": deps.system_prompt}]
-    messages += [{"role": m["role"], "content": m["content"]} for m in history
-                 if m["role"] in ("user", "assistant") and m["content"]]
-    messages.append({"role": "user", "content": user})
+    messages = build_messages(deps, history, user)
     tools = deps.tools.openai_tools()
     writer.append(run_id, "thinking", encode("thinking", run_id))
     while True:
@@ -99,6 +97,16 @@ async def execute(state: RunState, deps: RunDeps, history: list[dict[str, Any]],
         if not turn.tool_calls or final_turn:
             return "completed"
         await _run_tools(state, deps, turn, messages)
+
+
+def build_messages(deps: RunDeps, history: list[dict[str, Any]], user: str
+                   ) -> list[dict[str, Any]]:
+    """What the LLM is sent: the system prompt, the session's history, the user's text."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": deps.system_prompt}]
+    messages += [{"role": m["role"], "content": m["content"]} for m in history
+                 if m["role"] in ("user", "assistant") and m["content"]]
+    messages.append({"role": "user", "content": user})
+    return messages
 
 
 class _Stalled(Exception):

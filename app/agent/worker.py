@@ -28,8 +28,10 @@ import structlog
 import trio
 
 from app import metrics
+from app.agent import cache
+from app.agent.cache import cache_key
 from app.agent.llm import LocalProvider, OpenAIProvider
-from app.agent.run import RunDeps, RunState, Stalled, execute
+from app.agent.run import RunDeps, RunState, Stalled, build_messages, execute
 from app.agent.tools import default_registry
 from app.db import runs as q
 from app.db.migrations import RUNS_CHANNEL
@@ -173,7 +175,17 @@ class Worker:
                 history = await self.db.run(lambda c: q.history(
                     c, run["session_id"], run["user_message_id"]))
                 user = await self._user_text(run)
-                reason = await execute(state, self.deps, history, user, limit)
+                key = None
+                if run["cache"]:
+                    messages = build_messages(self.deps, history, user)
+                    key = cache_key(self.deps.provider.model, messages,
+                                    self.deps.tools.openai_tools())
+                    reason = await self._from_cache(state, key)
+                if not state.cached:
+                    reason = await execute(state, self.deps, history, user, limit)
+                    if key is not None and reason == "completed" and state.fallback is None:
+                        await cache.store(self.redis, key, "".join(state.content),
+                                          self.settings.cache_ttl)
             if scope.cancelled_caught:
                 reason = state.cancel_reason or "timeout"
                 if reason == "timeout":
@@ -192,6 +204,18 @@ class Worker:
                 self.active.pop(run_id, None)
                 if not self.active:
                     self.idle.set()
+
+    async def _from_cache(self, state: RunState, key: str) -> str:
+        """A cached answer is streamed as one token and stored like any other (cached: true)."""
+        answer = await cache.lookup(self.redis, key)
+        if answer is None:
+            return "error"
+        state.cached = True
+        state.content.append(answer)
+        self.deps.writer.append(state.run_id, "token",
+                                encode("token", state.run_id, content=answer))
+        metrics.cache_hits.inc()
+        return "completed"
 
     async def _user_text(self, run: dict[str, Any]) -> str:
         row = await self.db.fetchone("SELECT content FROM messages WHERE id = %s",
@@ -212,7 +236,8 @@ class Worker:
             message_id = await self.db.run(lambda c: q.finish(
                 c, run=state.run, reason=reason, content=content, tool_calls=state.tool_calls,
                 tool_results=state.tool_results, detail=state.detail,
-                iterations=state.iterations, usage=state.usage, fallback=state.fallback))
+                iterations=state.iterations, usage=state.usage, fallback=state.fallback,
+                cached=state.cached))
             end: dict[str, Any] = {"reason": reason, "message_id": message_id,
                                    "resumable": reason == "server_shutdown"}
             if state.detail:

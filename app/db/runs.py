@@ -198,6 +198,36 @@ def messages(conn: psycopg.Connection[Any], session_id: str, owner: str | None
         (sid,)).fetchall()
 
 
+def create_batch(conn: psycopg.Connection[Any], *, owner: str, messages: list[str],
+                 priority: int, session_id: str | None, cache: bool, max_queued: int
+                 ) -> tuple[str, list[str]]:
+    """A batch and one queued run per message, all in one transaction: all or nothing."""
+    queued = conn.execute("SELECT count(*) FROM runs WHERE status = 'queued'").fetchone()
+    if queued is not None and queued[0] + len(messages) > max_queued:
+        raise QueueFull()
+    bid = uuid.uuid4()
+    conn.execute("INSERT INTO batches (id, owner) VALUES (%s, %s)", (bid, owner))
+    run_ids = [
+        create_run(conn, owner=owner, message=message, session_id=session_id,
+                   on_disconnect="continue", timeout_s=None, cache=cache, priority=priority,
+                   batch_id=str(bid), max_queued=max_queued + len(messages)).run_id
+        for message in messages
+    ]
+    return str(bid), run_ids
+
+
+def get_batch(conn: psycopg.Connection[Any], batch_id: str, owner: str | None
+              ) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=dict_row)
+    bid = _uuid(batch_id)
+    found = cur.execute("SELECT owner FROM batches WHERE id = %s", (bid,)).fetchone()
+    if found is None or (owner is not None and found["owner"] != owner):
+        raise NotFoundError(batch_id)
+    return cur.execute(
+        "SELECT id::text AS run_id, status, reason FROM runs WHERE batch_id = %s"
+        " ORDER BY created_at", (bid,)).fetchall()
+
+
 def counts_by_status(conn: psycopg.Connection[Any]) -> dict[str, int]:
     rows = conn.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall()
     return {status: n for status, n in rows}

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -29,7 +30,7 @@ from app.web.errors import (
     error_json,
     outcome_error,
 )
-from app.web.models import ChatRequest, RunRequest, StreamRequest, openapi_document
+from app.web.models import BatchRequest, ChatRequest, RunRequest, StreamRequest, openapi_document
 
 if TYPE_CHECKING:
     from collections.abc import MutableMapping
@@ -217,6 +218,44 @@ def register(app: Quart, state: WebState) -> None:
         outcome = await tools.call(name, arguments)
         return json_response({"success": outcome.success, "result": outcome.result,
                               "error": outcome.error})
+
+    @app.post("/api/batches")
+    async def create_batch() -> Response:
+        body = parse_body(await request.get_data(), BatchRequest, limit)
+        owner = owner_of(request.scope)
+        cache = body.cache if body.cache is not None else state.settings.cache_default == "on"
+        too_long = [i for i, m in enumerate(body.messages)
+                    if len(m) > state.settings.max_message_chars]
+        if too_long:
+            raise ValidationFailed(f"messages.{too_long[0]}: at most "
+                                   f"{state.settings.max_message_chars} characters")
+        try:
+            batch_id, run_ids = await state.db.run(partial(
+                q.create_batch, owner=owner, messages=body.messages, priority=body.priority,
+                session_id=body.session_id, cache=cache,
+                max_queued=state.settings.max_queued_runs))
+        except q.NotFoundError:
+            raise NotFound("no such session") from None
+        except q.QueueFull:
+            raise Unavailable("the queue is full; nothing of this batch was accepted, retry "
+                              "shortly", code="busy", retry_after=10) from None
+        return json_response({"batch_id": batch_id, "run_ids": run_ids}, 202)
+
+    @app.get("/api/batches/<batch_id>")
+    async def read_batch(batch_id: str) -> Response:
+        try:
+            rows = await state.db.run(partial(q.get_batch, batch_id=batch_id,
+                                              owner=owner_of(request.scope)))
+        except q.NotFoundError:
+            raise NotFound("no such batch") from None
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        done = sum(counts.get(s, 0) for s in q.FINAL)
+        status = ("done" if done == len(rows) else
+                  "queued" if counts.get("queued", 0) == len(rows) else "running")
+        return json_response({"batch_id": batch_id, "status": status, "counts": counts,
+                              "runs": rows})
 
     @app.get("/api/status")
     async def status() -> Response:

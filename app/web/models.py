@@ -6,7 +6,7 @@ never read (the user is who authenticated).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,12 +30,22 @@ class RunRequest(ChatRequest):
     on_disconnect: Literal["cancel", "continue"] = "continue"
 
 
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[Annotated[str, Field(min_length=1, max_length=MAX_MESSAGE)]] = Field(
+        min_length=1, max_length=100)
+    priority: int = Field(5, ge=0, le=9)
+    session_id: str | None = Field(None, max_length=64)
+    cache: bool | None = None
+
+
 class ToolCallRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
 def openapi_document(paths: dict[str, Any]) -> dict[str, Any]:
     schemas = {m.__name__: m.model_json_schema(ref_template="#/components/schemas/{model}")
-               for m in (ChatRequest, StreamRequest, RunRequest)}
+               for m in (ChatRequest, StreamRequest, RunRequest, BatchRequest)}
     return {"openapi": "3.1.0", "info": {"title": "agentd", "version": "0.1.0"},
             "paths": paths, "components": {"schemas": schemas}}

@@ -1,0 +1,39 @@
+"""The answer cache (opt-in, Agent behaviour): completed answers in Redis, keyed on what
+determines them: model, system prompt, the messages sent and the tools offered."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+if TYPE_CHECKING:
+    from app.redis import RedisClient
+
+log = structlog.get_logger("cache")
+PREFIX = "agentd:cache:"
+
+
+def cache_key(model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+    """`messages` start with the system prompt, so it is part of the key."""
+    material = json.dumps({"model": model, "messages": messages, "tools": tools},
+                          sort_keys=True, separators=(",", ":"))
+    return PREFIX + hashlib.sha256(material.encode()).hexdigest()
+
+
+async def lookup(redis: RedisClient, key: str) -> str | None:
+    try:
+        value = await redis.get(key)
+    except Exception as e:  # noqa: BLE001 - a cache that is down is a miss, not a failure
+        log.warning("cache_unavailable", error=str(e))
+        return None
+    return None if value is None else str(value)
+
+
+async def store(redis: RedisClient, key: str, answer: str, ttl: float) -> None:
+    try:
+        await redis.set(key, answer, ex=max(1, int(ttl)))
+    except Exception as e:  # noqa: BLE001 - not caching is always allowed
+        log.warning("cache_unavailable", error=str(e))
