@@ -22,6 +22,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import httpx as plain_httpx
 import httpx2 as httpx
 import psycopg
 import structlog
@@ -32,7 +33,7 @@ from app.agent import cache
 from app.agent.cache import cache_key
 from app.agent.llm import LocalProvider, OpenAIProvider
 from app.agent.run import RunDeps, RunState, Stalled, build_messages, execute
-from app.agent.tools import default_registry
+from app.agent.toolset import tools_for
 from app.db import runs as q
 from app.db.migrations import RUNS_CHANNEL
 from app.events import CONTROL_STREAM, EventWriter, encode, read_after
@@ -283,10 +284,14 @@ async def serve_worker(settings: Settings, life: Lifecycle, db: Database,
     writer = EventWriter(redis, settings.event_ttl)
     limits = httpx.Limits(max_connections=settings.llm_max_connections,
                           max_keepalive_connections=settings.llm_max_connections)
-    async with httpx.AsyncClient(limits=limits) as http, trio.open_nursery() as outer:
+    async with (
+        httpx.AsyncClient(limits=limits) as http,
+        plain_httpx.AsyncClient() as tool_http,
+        trio.open_nursery() as outer,
+    ):
         await outer.start(writer.serve)
         provider = OpenAIProvider(settings, http) if settings.llm_configured else LocalProvider()
-        deps = RunDeps(provider, default_registry(), writer, settings.system_prompt,
+        deps = RunDeps(provider, tools_for(settings, tool_http), writer, settings.system_prompt,
                        settings.agent_max_iterations)
         worker = Worker(settings, life, db, redis, deps)
         async with trio.open_nursery() as runs:

@@ -15,7 +15,7 @@ import trio
 from pydantic import BaseModel, ValidationError
 from quart import Quart, Response, request
 
-from app.agent.tools import default_registry
+from app.agent.toolset import tools_for
 from app.db import runs as q
 from app.db.pool import DatabaseUnavailable
 from app.events import encode, read_after, stream_key
@@ -144,7 +144,7 @@ async def wait_for_end(state: WebState, run_id: str, limit: float) -> None:
 def register(app: Quart, state: WebState) -> None:
     from app.web.app import json_response
 
-    tools = default_registry()
+    tools = tools_for(state.settings, state.http)
     limit = state.settings.max_body_bytes
 
     @app.post("/api/chat")

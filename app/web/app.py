@@ -27,6 +27,8 @@ from app.web.errors import ApiError, RateLimited, Unavailable, error_json, opena
 from app.web.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
+    import httpx
+
     from app.config import Settings
     from app.db.pool import Database
     from app.lifecycle import Lifecycle
@@ -50,6 +52,7 @@ class WebState:
     life: Lifecycle
     db: Database
     redis: RedisClient
+    http: httpx.AsyncClient
     started_at: float = field(default_factory=time.time)
     in_flight: int = 0
     open_streams: int = 0
@@ -181,9 +184,10 @@ def create_app(state: WebState) -> ASGIApp:
                                        code=HTTP_ERROR_CODES.get(status, "http_error"),
                                        headers=allow))
 
-    from app.web import api
+    from app.web import api, openai_compat
 
     api.register(app, state)
+    openai_compat.register(app, state)
     return entry(app, state)  # type: ignore[arg-type]
 
 
@@ -244,6 +248,11 @@ def entry(app: ASGIApp, state: WebState) -> ASGIApp:
             return
         state.request_started()
         try:
+            if path == "/v1/chat/completions":  # raw ASGI, streamed or not (openai_compat.py)
+                from app.web.openai_compat import dispatch
+
+                await dispatch(state, scope, receive, send_with_headers)
+                return
             if path in STREAM_PATHS or path.endswith("/events"):
                 from app.web.api import dispatch_stream
 

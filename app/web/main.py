@@ -17,6 +17,7 @@ import os
 from functools import partial
 from typing import TYPE_CHECKING
 
+import httpx
 import structlog
 import trio
 from hypercorn.config import Config as HyperConfig
@@ -64,10 +65,11 @@ async def run(settings: Settings) -> int:
         open_lifecycle("web", budget=settings.shutdown_timeout, reserve=settings.reserve) as life,
         open_database(settings.database_url, min_size=1, max_size=10, role="web") as db,
         open_redis(settings.redis_url) as redis,
+        httpx.AsyncClient() as http,
         trio.open_nursery() as nursery,
     ):
         await migrate(db)
-        state = WebState(settings=settings, life=life, db=db, redis=redis)
+        state = WebState(settings=settings, life=life, db=db, redis=redis, http=http)
         app = create_app(state)
         await nursery.start(state.serve_background)
         with trio.CancelScope() as server:
