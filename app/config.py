@@ -81,6 +81,9 @@ class Settings(BaseSettings):
         extra="ignore",
         case_sensitive=False,
         validate_default=True,
+        # Sources other than the environment (TOML, credentials) use the field names, also
+        # for the settings whose environment names have aliases (OPENAI_*).
+        populate_by_name=True,
     )
 
     data_dir: Path = Path("./var")
