@@ -22,7 +22,7 @@ import structlog
 import trio
 
 from app import metrics
-from app.events import CONTROL_STREAM, Event, EventHub, read_after
+from app.events import CONTROL_STREAM, Event, EventHub, _id_key, read_after
 from app.web.sse import KEEPALIVE, encode_event
 
 if TYPE_CHECKING:
@@ -117,9 +117,13 @@ async def _relay(state: WebState, hub: EventHub, send: Send, framing: Framing, r
                  last_id: str | None) -> bool:
     """Send events until `end`; return True when an `end` was sent."""
     sub = hub.subscribe(run_id, last_id or "0-0")
+    sent = last_id or "0-0"  # the last event id this stream has sent
     try:
         for event in await read_after(state.redis, run_id, last_id, count=100_000):
-            sub.last_id = event.id
+            sent = event.id
+            # Only forward: the hub may already have dispatched past it, and moving its
+            # position back would make it dispatch those events to us a second time.
+            sub.last_id = max(sub.last_id, sent, key=_id_key)
             if await _send_event(state, send, framing, event):
                 return True
         life = state.life
@@ -128,7 +132,13 @@ async def _relay(state: WebState, hub: EventHub, send: Send, framing: Framing, r
             if life.draining.is_set():
                 timeout = min(timeout, max(0.0, state.stream_cutoff() - trio.current_time()))
             with trio.move_on_after(timeout):
-                for event in await sub.receive.receive():
+                batch = await sub.receive.receive()
+                if _id_key(batch[0].id) <= _id_key(sent):
+                    # Queued by the hub while the replay above was reading and sending the
+                    # same events: send each event once.
+                    batch = [e for e in batch if _id_key(e.id) > _id_key(sent)]
+                for event in batch:
+                    sent = event.id
                     if await _send_event(state, send, framing, event):
                         return True
                 continue
