@@ -133,7 +133,7 @@ async def _relay(state: WebState, hub: EventHub, send: Send, framing: Framing, r
                 timeout = min(timeout, max(0.0, state.stream_cutoff() - trio.current_time()))
             with trio.move_on_after(timeout):
                 batch = await sub.receive.receive()
-                if _id_key(batch[0].id) <= _id_key(sent):
+                if batch and _id_key(batch[0].id) <= _id_key(sent):  # [] = a drain wake-up
                     # Queued by the hub while the replay above was reading and sending the
                     # same events: send each event once.
                     batch = [e for e in batch if _id_key(e.id) > _id_key(sent)]
