@@ -32,6 +32,10 @@ def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
     try:
         if command == "status":
             return status(url, headers(args, settings))
+        if command == "chat":
+            from app.chat_client import chat
+
+            return chat(url, headers(args, settings))
         print(f"agentd {command}: not available in this version yet", file=sys.stderr)
         return 2
     except httpx.HTTPError as e:
