@@ -30,6 +30,8 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "AGENTD_"
+#: The model asked for when an endpoint is configured without AGENTD_LLM_MODEL.
+DEFAULT_LLM_MODEL = "gpt-4o-mini"
 SECRET_FIELDS = ("api_keys", "jwt_secret", "llm_api_key")
 DEFAULT_SYSTEM_PROMPT = (
     "You are agentd's assistant. Answer clearly and concisely. You can use tools: "

@@ -191,7 +191,7 @@ class EventHub:
                 with trio.CancelScope() as self._reader_scope:
                     await trio.sleep_forever()
                 continue
-            positions = {stream_key(run_id): min((s.last_id for s in subs), key=_id_key)
+            positions = {stream_key(run_id): min((s.last_id for s in subs), key=id_key)
                          for run_id, subs in self._subs.items()}
             reply = None
             with trio.CancelScope() as self._reader_scope:
@@ -209,12 +209,12 @@ class EventHub:
             run_id = _decode(key).rpartition(":")[2]
             events = to_events(entries)
             for sub in list(self._subs.get(run_id, ())):
-                fresh = [e for e in events if _id_key(e.id) > _id_key(sub.last_id)]
+                fresh = [e for e in events if id_key(e.id) > id_key(sub.last_id)]
                 if fresh:
                     sub.last_id = fresh[-1].id
                     sub.send.send_nowait(fresh)
 
 
-def _id_key(event_id: str) -> tuple[int, int]:
+def id_key(event_id: str) -> tuple[int, int]:
     ms, _, seq = event_id.partition("-")
     return int(ms), int(seq or 0)

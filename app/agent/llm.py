@@ -22,6 +22,7 @@ import trio
 import trio.lowlevel
 
 from app import metrics
+from app.config import DEFAULT_LLM_MODEL
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -82,7 +83,7 @@ class OpenAIProvider:
     def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
         self.settings = settings
         primary = Endpoint(settings.llm_base_url, settings.llm_api_key or "none",
-                           settings.llm_model or "gpt-4o-mini")
+                           settings.llm_model or DEFAULT_LLM_MODEL)
         self.endpoints = [primary]
         if settings.llm_fallback_base_url or settings.llm_fallback_model:
             self.endpoints.append(Endpoint(

@@ -303,6 +303,8 @@ def _paths(app: Quart) -> dict[str, Any]:
         paths[path] = {"post": {"summary": "stream a chat as SSE", "requestBody": {"content": {
             "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}}}
     paths["/api/runs/{run_id}/events"] = {"get": {"summary": "a run's events as SSE"}}
+    paths["/v1/chat/completions"] = {"post": {
+        "summary": "OpenAI-compatible chat completions (stream true or false)"}}
     for path, model in (("/api/chat", "ChatRequest"), ("/api/runs", "RunRequest")):
         paths[path]["post"]["requestBody"] = {"content": {"application/json": {
             "schema": {"$ref": f"#/components/schemas/{model}"}}}}
@@ -319,9 +321,9 @@ async def dispatch_stream(state: WebState, scope: MutableMapping[str, Any], rece
     path, method = scope["path"], scope["method"]
     try:
         if path == "/api/chat/stream" and method == "POST":
-            body = parse_body(await _read_body(receive, state.settings.max_body_bytes),
+            body = parse_body(await read_body(receive, state.settings.max_body_bytes),
                               StreamRequest, state.settings.max_body_bytes)
-            _check_stream_capacity(state)
+            check_stream_capacity(state)
             new = await create(state, body, owner_of(scope), body.on_disconnect)
             await streams.stream(state, scope, receive, send, run_id=new.run_id,
                                  session_id=new.session_id, status="queued", last_id=None,
@@ -329,7 +331,7 @@ async def dispatch_stream(state: WebState, scope: MutableMapping[str, Any], rece
             return True
         match = EVENTS_PATH.match(path)
         if match and method == "GET":
-            _check_stream_capacity(state)
+            check_stream_capacity(state)
             row = await get_run(state, match.group(1), owner_of(scope))
             last = _header(scope, b"last-event-id")
             await streams.stream(state, scope, receive, send, run_id=row["run_id"],
@@ -346,13 +348,13 @@ async def dispatch_stream(state: WebState, scope: MutableMapping[str, Any], rece
     return False
 
 
-def _check_stream_capacity(state: WebState) -> None:
+def check_stream_capacity(state: WebState) -> None:
     if state.open_streams >= state.settings.max_open_streams:
         raise Unavailable("this web process has too many open streams; retry shortly",
                           code="busy")
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+async def read_body(receive: Receive, limit: int) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -180,9 +180,12 @@ def create_app(state: WebState) -> ASGIApp:
         # in our error shape, with the status Quart chose.
         status = error.code or 500
         allow = {k: v for k, v in error.get_headers() if k.lower() == "allow"}
-        return error_response(ApiError(error.description or error.name, status=status,
-                                       code=HTTP_ERROR_CODES.get(status, "http_error"),
-                                       headers=allow))
+        api_error = ApiError(error.description or error.name, status=status,
+                             code=HTTP_ERROR_CODES.get(status, "http_error"), headers=allow)
+        if request.path.startswith("/v1/"):
+            return Response(openai_error_json(api_error), status=status, headers=allow,
+                            content_type="application/json")
+        return error_response(api_error)
 
     from app.web import api, openai_compat
 

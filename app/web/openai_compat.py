@@ -54,15 +54,16 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from app.config import DEFAULT_LLM_MODEL
 from app.db import runs as q
 from app.web import streams
 from app.web.api import (
     CHAT_WAIT_MARGIN,
-    _check_stream_capacity,
-    _read_body,
+    check_stream_capacity,
     create,
     get_run,
     owner_of,
+    read_body,
     wait_for_end,
 )
 from app.web.errors import ApiError, BadJson, NotFound, openai_error_json, outcome_error
@@ -197,7 +198,7 @@ def served_model(settings: Settings) -> str:
 
     if not settings.llm_configured:
         return LOCAL_MODEL
-    return settings.llm_model or "gpt-4o-mini"  # the OpenAI provider's default (agent/llm.py)
+    return settings.llm_model or DEFAULT_LLM_MODEL
 
 
 def usage_of(stored: dict[str, Any] | None) -> dict[str, int]:
@@ -293,7 +294,7 @@ async def dispatch(state: WebState, scope: MutableMapping[str, Any], receive: Re
             raise ApiError("use POST for /v1/chat/completions", status=405,
                            code="method_not_allowed", headers={"Allow": "POST"})
         limit = state.settings.max_body_bytes
-        raw = await _read_body(receive, limit)
+        raw = await read_body(receive, limit)
         try:
             data = json.loads(raw or b"null")
         except (ValueError, UnicodeDecodeError):
@@ -309,7 +310,7 @@ async def dispatch(state: WebState, scope: MutableMapping[str, Any], receive: Re
 
 async def _stream(state: WebState, scope: MutableMapping[str, Any], receive: Receive,
                   send: Send, request: CompletionRequest) -> None:
-    _check_stream_capacity(state)
+    check_stream_capacity(state)
     new = await create(state, request.chat_request(), owner_of(scope), "cancel")
     await streams.stream(state, scope, receive, send, run_id=new.run_id,
                          session_id=new.session_id, status="queued", last_id=None,

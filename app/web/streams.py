@@ -22,7 +22,7 @@ import structlog
 import trio
 
 from app import metrics
-from app.events import CONTROL_STREAM, Event, EventHub, _id_key, read_after
+from app.events import CONTROL_STREAM, Event, EventHub, id_key, read_after
 from app.web.sse import KEEPALIVE, encode_event
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ async def _relay(state: WebState, hub: EventHub, send: Send, framing: Framing, r
             sent = event.id
             # Only forward: the hub may already have dispatched past it, and moving its
             # position back would make it dispatch those events to us a second time.
-            sub.last_id = max(sub.last_id, sent, key=_id_key)
+            sub.last_id = max(sub.last_id, sent, key=id_key)
             if await _send_event(state, send, framing, event):
                 return True
         life = state.life
@@ -133,10 +133,10 @@ async def _relay(state: WebState, hub: EventHub, send: Send, framing: Framing, r
                 timeout = min(timeout, max(0.0, state.stream_cutoff() - trio.current_time()))
             with trio.move_on_after(timeout):
                 batch = await sub.receive.receive()
-                if batch and _id_key(batch[0].id) <= _id_key(sent):  # [] = a drain wake-up
+                if batch and id_key(batch[0].id) <= id_key(sent):  # [] = a drain wake-up
                     # Queued by the hub while the replay above was reading and sending the
                     # same events: send each event once.
-                    batch = [e for e in batch if _id_key(e.id) > _id_key(sent)]
+                    batch = [e for e in batch if id_key(e.id) > id_key(sent)]
                 for event in batch:
                     sent = event.id
                     if await _send_event(state, send, framing, event):
