@@ -1,33 +1,32 @@
-"""The web process: hypercorn (trio worker) + quart-trio on the listener the supervisor bound.
+"""The web process: hypercorn's protocol + quart-trio on the listener the supervisor bound.
 
-    lifecycle ─ database ─ redis ─ nursery
-                                   ├── hypercorn serving the app (until the drain)
-                                   └── stop_when_done: once draining and no request is in
-                                       flight, cancel the server so idle keep-alive
-                                       connections cannot hold the shutdown open
+    lifecycle ─ database ─ redis ─ http client ─ nursery
+                                                 ├── event hub (one reader for all streams)
+                                                 └── serve_http (server.py): accept until
+                                                     the drain, serve until it is over
 
-On SIGTERM the listener is closed at once (hypercorn stops accepting: its listener is
-closed; the supervisor closes its own copy), /ready says 503 draining, new /api work gets
-503, open streams are carried to their end, then the process exits.
+On SIGTERM the listener is closed at once (the supervisor closes its own copy too), /ready
+says 503 draining, new /api work gets 503 also on connections opened before, open streams
+are carried to their end, then the process exits; idle keep-alive connections do not hold
+it open.
 """
 
 from __future__ import annotations
 
 import os
-from functools import partial
 from typing import TYPE_CHECKING
 
 import httpx
 import structlog
 import trio
 from hypercorn.config import Config as HyperConfig
-from hypercorn.trio import serve
 
 from app.db.migrations import migrate
 from app.db.pool import open_database
 from app.lifecycle import open_lifecycle
 from app.redis import open_redis
 from app.web.app import WebState, create_app
+from app.web.server import serve_http
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -35,9 +34,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("web")
 
 
-def hypercorn_config(settings: Settings, fd: int) -> HyperConfig:
+def hypercorn_config(settings: Settings) -> HyperConfig:
     config = HyperConfig()
-    config.bind = [f"fd://{fd}"]
     config.accesslog = None
     config.errorlog = None
     config.keep_alive_timeout = 75
@@ -47,15 +45,6 @@ def hypercorn_config(settings: Settings, fd: int) -> HyperConfig:
     config.h11_max_incomplete_size = 64 * 1024
     config.max_app_queue_size = 64
     return config
-
-
-async def stop_when_done(state: WebState, server: trio.CancelScope) -> None:
-    """After the drain starts: stop as soon as nothing is in flight, or at the deadline."""
-    life = state.life
-    await life.draining.wait()
-    server.deadline = life.deadline - 0.3
-    await state.idle_or_deadline()
-    server.cancel()
 
 
 async def run(settings: Settings) -> int:
@@ -72,14 +61,10 @@ async def run(settings: Settings) -> int:
         state = WebState(settings=settings, life=life, db=db, redis=redis, http=http)
         app = create_app(state)
         await nursery.start(state.serve_background)
-        with trio.CancelScope() as server:
-            async with trio.open_nursery() as serving:
-                serving.start_soon(stop_when_done, state, server)
-                await serving.start(
-                    partial(serve, app, hypercorn_config(settings, fd),  # type: ignore[arg-type]
-                            shutdown_trigger=life.draining.wait)
-                )
-                life.ready(f"web listening on fd {fd}")
+        async with trio.open_nursery() as serving:
+            await serving.start(serve_http, app, hypercorn_config(settings), fd, state)
+            life.ready(f"web listening on fd {fd}")
+        # serve_http returned: the drain is over. Stop the event hub with it.
         nursery.cancel_scope.cancel()
         ends = " ".join(f"{k}={v}" for k, v in sorted(state.ends_during_drain.items()))
         life.status(f"streams ended: {ends or 'none'}")

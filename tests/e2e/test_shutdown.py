@@ -237,12 +237,6 @@ async def test_draining_answers_503_on_old_connections_and_refuses_new_ones(star
     assert one_end_last(stream)["reason"] == "server_shutdown"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "app/web/main.py passes shutdown_trigger=life.draining.wait to hypercorn, so hypercorn "
-    "is `terminated` from the start of the drain, and hypercorn/protocol/h11.py "
-    "_maybe_recycle then closes a keep-alive connection after its next response, without "
-    "a `Connection: close` header: a second request on a connection opened before SIGTERM "
-    "gets a reset or a refused reconnect instead of a 503"))
 async def test_kept_alive_connection_gets_503_for_every_request_while_draining(start_tree):
     tree = start_tree(AGENTD_SHUTDOWN_TIMEOUT=str(TIMEOUT))
     [kept] = await open_kept(tree, 1)
