@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("events")
 
 FLUSH_INTERVAL = 0.02
-BLOCK_MS = 1000
+BLOCK_MS = 100
 TERMINAL = "end"
 CONTROL_STREAM = "agentd:control"
 
@@ -152,8 +152,7 @@ class EventHub:
     def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
         self._subs: dict[str, list[Subscription]] = {}
-        self._changed = trio.Event()
-        self._reader_scope: trio.CancelScope | None = None
+        self._idle_scope: trio.CancelScope | None = None
 
     def subscribe(self, run_id: str, last_id: str) -> Subscription:
         sub = Subscription(self, run_id, last_id or "0-0")
@@ -178,29 +177,31 @@ class EventHub:
                 sub.send.send_nowait([])
 
     def _wake_reader(self) -> None:
-        # A blocking XREAD doesn't see new keys: restart it with the new key set.
-        if self._reader_scope is not None:
-            self._reader_scope.cancel()
+        # Only an idle reader (no streams at all) is woken. A blocking XREAD is never
+        # cancelled to change its key set: coredis loses a pooled connection when a command
+        # is cancelled while it connects, and after enough of those every Redis call of the
+        # process waits forever. XREAD blocks for at most BLOCK_MS instead, and the next one
+        # carries the new key; the new stream's replay (XRANGE) covers what came before.
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         task_status.started()
         while True:
             if not self._subs:
-                self._changed = trio.Event()
-                with trio.CancelScope() as self._reader_scope:
+                with trio.CancelScope() as self._idle_scope:
                     await trio.sleep_forever()
+                self._idle_scope = None
                 continue
             positions = {stream_key(run_id): min((s.last_id for s in subs), key=id_key)
                          for run_id, subs in self._subs.items()}
-            reply = None
-            with trio.CancelScope() as self._reader_scope:
-                try:
-                    reply = await self._redis.xread(positions, count=500, block=BLOCK_MS)
-                except Exception as e:  # noqa: BLE001 - Redis down: log, back off, retry
-                    log.warning("event_read_failed", error=str(e))
-                    await trio.sleep(0.5)
-            self._reader_scope = None
+            try:
+                reply = await self._redis.xread(positions, count=500, block=BLOCK_MS)
+            except Exception as e:  # noqa: BLE001 - Redis down: log, back off, retry
+                log.warning("event_read_failed", error=str(e))
+                await trio.sleep(0.5)
+                continue
             if reply:
                 self._dispatch(reply)
 
