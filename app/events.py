@@ -34,6 +34,22 @@ TERMINAL = "end"
 CONTROL_STREAM = "agentd:control"
 
 
+#: One round trip per flush: XADD each event (KEYS[1..n], ARGV pairs after the first two),
+#: then EXPIRE the streams of runs that ended (the remaining KEYS). Cheaper per event than a
+#: pipeline of XADD commands through the client's command layer (bench/stream.py).
+APPEND_SCRIPT = """
+local n = tonumber(ARGV[1])
+local ids = {}
+for i = 1, n do
+  ids[i] = redis.call('XADD', KEYS[i], '*', 't', ARGV[2 * i + 1], 'd', ARGV[2 * i + 2])
+end
+for i = n + 1, #KEYS do
+  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2]))
+end
+return ids
+"""
+
+
 def stream_key(run_id: str) -> str:
     return f"agentd:run:{run_id}"
 
@@ -80,6 +96,7 @@ class EventWriter:
         self._buffer: list[tuple[str, str, str]] = []
         self._wake = trio.Event()
         self._lock = trio.Lock()
+        self._append = redis.register_script(APPEND_SCRIPT)
 
     def append(self, run_id: str, event_type: str, data_json: str) -> None:
         self._buffer.append((run_id, event_type, data_json))
@@ -104,12 +121,13 @@ class EventWriter:
         batch, self._buffer = self._buffer, []
         if not batch:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            requests = [pipe.xadd(stream_key(run_id), {"t": t, "d": d})
-                        for run_id, t, d in batch]
-            for run_id in expire_runs or ():
-                pipe.expire(stream_key(run_id), self._ttl)
-        return [_decode(await request) for request in requests]
+        keys = [stream_key(run_id) for run_id, _, _ in batch]
+        keys += [stream_key(run_id) for run_id in expire_runs or ()]
+        args: list[str] = [str(len(batch)), str(self._ttl)]
+        for _, t, d in batch:
+            args += (t, d)
+        ids: Any = await self._append(keys=keys, args=args)
+        return [_decode(i) for i in ids]
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
