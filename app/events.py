@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("events")
 
-FLUSH_INTERVAL = 0.02
+FLUSH_INTERVAL = 0.05
 BLOCK_MS = 100
 TERMINAL = "end"
 CONTROL_STREAM = "agentd:control"
