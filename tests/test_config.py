@@ -59,7 +59,8 @@ def test_a_public_bind_without_auth_is_refused_and_allowed_with_keys(monkeypatch
 
 
 def test_environment_beats_dotenv_beats_the_config_file(monkeypatch, tmp_path):
-    (tmp_path / "agentd.toml").write_text('run_timeout = 10\nllm_timeout = 11\nllm_max_retries = 7\n')
+    (tmp_path / "agentd.toml").write_text(
+        "run_timeout = 10\nllm_timeout = 11\nllm_max_retries = 7\n")
     (tmp_path / ".env").write_text("AGENTD_RUN_TIMEOUT=20\nAGENTD_LLM_TIMEOUT=21\n")
     monkeypatch.setenv("AGENTD_RUN_TIMEOUT", "30")
     s = config.load(tmp_path / "agentd.toml")
