@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -324,19 +325,8 @@ async def _complete(state: WebState, scope: MutableMapping[str, Any], receive: R
     new = await create(state, request.chat_request(), owner, "cancel")
     settings = state.settings
     limit = min(request.timeout or settings.run_timeout, settings.run_timeout)
-    left = False
-    async with trio.open_nursery() as nursery:
-
-        async def watch_disconnect() -> None:
-            nonlocal left
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            left = True
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch_disconnect)
-        await _wait_or_cutoff(state, new.run_id, limit + CHAT_WAIT_MARGIN)
-        nursery.cancel_scope.cancel()
+    left, _ = await streams.unless_client_leaves(
+        receive, partial(_wait_or_cutoff, state, new.run_id, limit + CHAT_WAIT_MARGIN))
     if left:  # nobody to answer: like a stream's client that left, cancel the run
         log.info("completion_client_left", run_id=new.run_id)
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):

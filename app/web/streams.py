@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 import trio
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from app.web.app import WebState
 
 log = structlog.get_logger("web")
+T = TypeVar("T")
 
 KEEPALIVE_S = 10.0
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -66,6 +68,27 @@ class RunEvents:
 RUN_EVENTS = RunEvents()
 
 
+async def unless_client_leaves(receive: Receive, work: Callable[[], Awaitable[T]]
+                               ) -> tuple[bool, T | None]:
+    """Run ``work`` while watching the request: (True, None) when the client left first
+    (``work`` is then cancelled), else (False, its result)."""
+    result: T | None = None
+    left = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch_disconnect() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_disconnect)
+        result = await work()
+        nursery.cancel_scope.cancel()
+    return left, (None if left else result)
+
+
 async def request_cancel(state: WebState, run_id: str) -> None:
     """Ask whichever agent holds the run to stop (or end it here if it is still queued)."""
     from app.web.api import cancel_queued
@@ -88,18 +111,9 @@ async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Rece
     ended = False
     left = False
     try:
-        async with trio.open_nursery() as nursery:
-
-            async def watch_disconnect() -> None:
-                nonlocal left
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                left = True
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch_disconnect)
-            ended = await _relay(state, hub, send, framing, run_id, last_id)
-            nursery.cancel_scope.cancel()
+        left, ended_or_none = await unless_client_leaves(
+            receive, partial(_relay, state, hub, send, framing, run_id, last_id))
+        ended = bool(ended_or_none)
     finally:
         state.open_streams -= 1
         metrics.open_streams.dec()
