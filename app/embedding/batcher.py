@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from app import metrics
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
@@ -268,6 +270,8 @@ class MicroBatcher:
         stats.last_batch_size = size
         stats.max_batch_size = max(stats.max_batch_size, size)
         stats.encode_seconds += seconds
+        metrics.embedding_batch.observe(size)
+        metrics.embedding_latency.observe(seconds)
 
 
 def thread_encoder(
