@@ -19,6 +19,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from app import metrics
+from app.embedding.client import EmbeddingClient, EmbeddingError, default_socket_path
 from app.events import EventHub
 from app.redis import RedisClient
 from app.redis import ping as redis_ping
@@ -41,6 +42,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 HEALTH_CACHE_S = 1.0
+#: How long /health waits for the embedding process (over its unix socket: it answers in ms).
+EMBEDDING_CHECK_S = 1.0
 STREAM_PATHS = ("/api/chat/stream",)
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 OPEN_PATHS = ("/live", "/ready", "/health", "/metrics", "/openapi.json", "/docs")
@@ -61,15 +64,23 @@ class WebState:
     #: `end` events sent to clients since the drain began, by reason (for the summary).
     ends_during_drain: dict[str, int] = field(default_factory=dict)
     hub: EventHub = field(init=False)
+    #: The embedding process (knowledge base, /health), one client for the process's life:
+    #: made here (it connects lazily), closed when `serve_background` ends.
+    embedding: EmbeddingClient = field(init=False)
 
     def __post_init__(self) -> None:
         self.hub = EventHub(self.redis)
+        self.embedding = EmbeddingClient(default_socket_path(self.settings))
 
     async def serve_background(self, *, task_status: trio.TaskStatus[None]) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.hub.serve)
-            nursery.start_soon(self._wake_streams_at_drain)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.hub.serve)
+                nursery.start_soon(self._wake_streams_at_drain)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
+                await self.embedding.aclose()
 
     async def _wake_streams_at_drain(self) -> None:
         # A stream with nothing to relay (its run still queued, or its agent gone) would
@@ -112,15 +123,26 @@ class WebState:
         with trio.move_on_after(2):
             checks["redis"] = "ok" if await redis_ping(self.redis) else "unavailable"
         checks.setdefault("redis", "timeout")
-        checks["embedding"] = "not checked"
+        with trio.move_on_after(EMBEDDING_CHECK_S):
+            checks["embedding"] = await self._embedding_check()
+        checks.setdefault("embedding", "unavailable")
         checks["llm"] = (
             "configured" if self.settings.llm_configured else "local provider (no LLM configured)"
         )
+        # The embedding process is not part of `healthy`: without it chat and runs still
+        # work (only the knowledge base answers 503), so /ready keeps this instance serving.
         healthy = checks["database"] == "ok" and checks["redis"] == "ok"
         result = {"status": "healthy" if healthy else "unhealthy", "checks": checks,
                   "timestamp": time.time()}
         self._health = (now, result)
         return result
+
+    async def _embedding_check(self) -> str:
+        try:
+            answer = await self.embedding.health()
+        except EmbeddingError:
+            return "unavailable"
+        return "ok" if answer.get("status") == "ok" else "unavailable"
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -187,9 +209,10 @@ def create_app(state: WebState) -> ASGIApp:
                             content_type="application/json")
         return error_response(api_error)
 
-    from app.web import api, openai_compat
+    from app.web import api, documents, openai_compat
 
     api.register(app, state)
+    documents.register(app, state)
     openai_compat.register(app, state)
     return entry(app, state)  # type: ignore[arg-type]
 
