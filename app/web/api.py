@@ -15,6 +15,7 @@ import trio
 from pydantic import BaseModel, ValidationError
 from quart import Quart, Response, request
 
+from app.agent.tools.knowledge import acting_for
 from app.agent.toolset import tools_for
 from app.db import runs as q
 from app.db.pool import DatabaseUnavailable
@@ -144,7 +145,7 @@ async def wait_for_end(state: WebState, run_id: str, limit: float) -> None:
 def register(app: Quart, state: WebState) -> None:
     from app.web.app import json_response
 
-    tools = tools_for(state.settings, state.http)
+    tools = tools_for(state.settings, state.http, state.embedding)
     limit = state.settings.max_body_bytes
 
     @app.post("/api/chat")
@@ -215,7 +216,8 @@ def register(app: Quart, state: WebState) -> None:
             raise BadJson("the arguments are not valid JSON") from None
         if not isinstance(arguments, dict):
             raise BadJson("the arguments must be a JSON object")
-        outcome = await tools.call(name, arguments)
+        with acting_for(owner_of(request.scope)):  # whose knowledge base (tools/knowledge.py)
+            outcome = await tools.call(name, arguments)
         return json_response({"success": outcome.success, "result": outcome.result,
                               "error": outcome.error})
 
