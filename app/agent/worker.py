@@ -33,9 +33,11 @@ from app.agent import cache
 from app.agent.cache import cache_key
 from app.agent.llm import LocalProvider, OpenAIProvider
 from app.agent.run import RunDeps, RunState, Stalled, build_messages, execute
+from app.agent.tools.knowledge import acting_for
 from app.agent.toolset import tools_for
 from app.db import runs as q
 from app.db.migrations import RUNS_CHANNEL
+from app.embedding.client import EmbeddingClient, default_socket_path
 from app.events import CONTROL_STREAM, EventWriter, encode, read_after
 
 if TYPE_CHECKING:
@@ -183,7 +185,9 @@ class Worker:
                                     self.deps.tools.openai_tools())
                     reason = await self._from_cache(state, key)
                 if not state.cached:
-                    reason = await execute(state, self.deps, history, user, limit)
+                    # Tool calls in this run are made for its owner (tools/knowledge.py).
+                    with acting_for(str(run["owner"])):
+                        reason = await execute(state, self.deps, history, user, limit)
                     if key is not None and reason == "completed" and state.fallback is None:
                         await cache.store(self.redis, key, "".join(state.content),
                                           self.settings.cache_ttl)
@@ -287,12 +291,14 @@ async def serve_worker(settings: Settings, life: Lifecycle, db: Database,
     async with (
         httpx.AsyncClient(limits=limits) as http,
         plain_httpx.AsyncClient() as tool_http,
+        EmbeddingClient(default_socket_path(settings)) as embedding,
         trio.open_nursery() as outer,
     ):
         await outer.start(writer.serve)
+        # The local provider searches the knowledge base through the tool, like an LLM would.
         provider = OpenAIProvider(settings, http) if settings.llm_configured else LocalProvider()
-        deps = RunDeps(provider, tools_for(settings, tool_http), writer, settings.system_prompt,
-                       settings.agent_max_iterations)
+        deps = RunDeps(provider, tools_for(settings, tool_http, embedding), writer,
+                       settings.system_prompt, settings.agent_max_iterations)
         worker = Worker(settings, life, db, redis, deps)
         async with trio.open_nursery() as runs:
             runs.start_soon(worker.serve_listen)
