@@ -233,31 +233,100 @@ LOCAL_MODEL = "agentd-local"
 
 
 class LocalProvider:
-    """No LLM configured: an honest answer, plus the tools it can run on its own."""
+    """No LLM configured: an honest answer, plus what it can do with the tools on its own.
+
+    Arithmetic goes to the calculator; anything else is looked up in the user's knowledge
+    base, and the answer quotes the top passages with their sources. It asks for both as an
+    LLM would, with a tool call, so the run's events show what was looked up, and the search
+    is made for the run's owner like any tool call (tools/knowledge.py). What it does is
+    decided by two pure functions, `local_tool_call` and `local_answer`.
+    """
 
     model = LOCAL_MODEL
-
 
     async def stream_turn(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                           on_token: Callable[[str], None]) -> Turn:
         turn = Turn()
-        user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        results = [m for m in messages if m["role"] == "tool"]
-        if tools and not results and _looks_arithmetic(user):
-            turn.tool_calls[0] = ToolCallDelta(0, "call_local_0", "calculator",
-                                               json.dumps({"expression": _arithmetic(user)}))
+        call = local_tool_call(messages, tools)
+        if call is not None:
+            turn.tool_calls[0] = call
             turn.finish_reason = "tool_calls"
             return turn
-        text = ("No LLM endpoint is configured, so this is agentd's local provider answering. "
-                "Set AGENTD_LLM_BASE_URL, AGENTD_LLM_MODEL and AGENTD_LLM_API_KEY (or "
-                "OPENAI_BASE_URL / OPENAI_API_KEY) to use a real model. ")
-        for m in results:
-            text += f"The {m.get('name', 'tool')} tool said: {m['content']}. "
-        async for word in _words(text):
+        async for word in _words(local_answer(messages)):
             turn.content.append(word)
             on_token(word)
         turn.finish_reason = "stop"
         return turn
+
+
+KB_TOOL = "search_knowledge_base"
+KB_QUERY_CHARS = 2000
+QUOTES = 3
+QUOTE_CHARS = 300
+RELATIVE_SCORE = 0.5
+NO_LLM = ("No LLM endpoint is configured, so this is agentd's local provider answering. "
+          "Set AGENTD_LLM_BASE_URL, AGENTD_LLM_MODEL and AGENTD_LLM_API_KEY (or "
+          "OPENAI_BASE_URL / OPENAI_API_KEY) to use a real model. ")
+
+
+def local_tool_call(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+                    ) -> ToolCallDelta | None:
+    """The one tool call the local provider makes before it answers, if any."""
+    user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    if not tools or any(m["role"] == "tool" for m in messages):
+        return None
+    if _looks_arithmetic(user):
+        return ToolCallDelta(0, "call_local_0", "calculator",
+                             json.dumps({"expression": _arithmetic(user)}))
+    offered = {t.get("function", {}).get("name") for t in tools}
+    query = " ".join(str(user).split())[:KB_QUERY_CHARS]
+    if KB_TOOL in offered and query:
+        return ToolCallDelta(0, "call_local_0", KB_TOOL,
+                             json.dumps({"query": query, "k": QUOTES}))
+    return None
+
+
+def local_answer(messages: list[dict[str, Any]]) -> str:
+    """The honest preamble, then what each tool said (knowledge-base passages quoted)."""
+    text = NO_LLM
+    for m in messages:
+        if m["role"] != "tool":
+            continue
+        if m.get("name") == KB_TOOL:
+            text += _knowledge_text(str(m["content"]))
+        else:
+            text += f"The {m.get('name', 'tool')} tool said: {m['content']}. "
+    return text
+
+
+def _knowledge_text(content: str) -> str:
+    """A search_knowledge_base result (JSON, or ``error: …`` as run.py reports failures)."""
+    try:
+        passages = json.loads(content)["passages"][:QUOTES]
+    except (ValueError, KeyError, TypeError):
+        detail = content.removeprefix("error:").strip().removeprefix(f"{KB_TOOL}:").strip()
+        return f"The knowledge base could not be searched ({detail}). "
+    if not passages:
+        return ("Your knowledge base has nothing to quote yet (add documents with `agentd "
+                "ingest PATH` or POST /api/documents). ")
+    # The best passage always; the others only when they are about as close (a passage at a
+    # tenth of the best one's score is noise to a reader).
+    best = float(passages[0].get("score") or 0)
+    quotes: list[str] = []
+    for p in passages:
+        if quotes and float(p.get("score") or 0) < best * RELATIVE_SCORE:
+            break
+        label = p.get("source") or p.get("title") or "an untitled document"
+        quotes.append(f"From {label}: “{_trim(str(p.get('text', '')))}”")
+    return "The closest passages in your knowledge base: " + " ".join(quotes) + " "
+
+
+def _trim(text: str, limit: int = QUOTE_CHARS) -> str:
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    cut = flat[:limit].rsplit(" ", 1)[0] or flat[:limit]
+    return cut.rstrip(" ,;:.") + "…"
 
 
 _ARITH = set("0123456789+-*/%().^ ")
