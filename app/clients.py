@@ -36,6 +36,10 @@ def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
             from app.chat_client import chat
 
             return chat(url, headers(args, settings))
+        if command == "ingest":
+            from app import ingest
+
+            return ingest.main(args, settings, url, headers(args, settings))
         print(f"agentd {command}: not available in this version yet", file=sys.stderr)
         return 2
     except httpx.HTTPError as e:
