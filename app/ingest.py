@@ -274,8 +274,9 @@ async def local_agentd(settings: Settings, config_file: str | None,
         await wait_ready(url, READY_TIMEOUT, process)
         yield url
     finally:
-        with trio.CancelScope(shield=True):
-            await _stop(process, settings.shutdown_timeout + 5, say)
+        budget = settings.shutdown_timeout + 5  # its own shutdown bound, and some slack
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + budget + 10):
+            await _stop(process, budget, say)
 
 
 async def _stop(process: trio.Process, budget: float, say: Callable[[str], None]) -> None:
@@ -297,36 +298,38 @@ async def _stop(process: trio.Process, budget: float, say: Callable[[str], None]
 
 async def ingest(args: argparse.Namespace, settings: Settings, url: str,
                  headers: dict[str, str]) -> int:
-    from rich.console import Console
-
     began = time.monotonic()
-    console = Console(stderr=True)
     try:
         found = discover(args.paths)
     except UsageError as e:
-        console.print(f"agentd ingest: {e}", markup=False, highlight=False)
+        say(f"agentd ingest: {e}")
         return 2
     try:
         if await probe(url, headers):
-            tally = await _ingest_at(url, headers, found, console)
+            tally = await _ingest_at(url, headers, found)
         elif _loopback(url):
-            async with local_agentd(settings, getattr(args, "config", None),
-                                    lambda s: console.print(s, markup=False)) as own:
-                tally = await _ingest_at(own, headers, found, console)
+            async with local_agentd(settings, getattr(args, "config", None), say) as own:
+                tally = await _ingest_at(own, headers, found)
         else:
             raise Unreachable(f"nothing answers at {url}")
     except Unreachable as e:
-        console.print(f"agentd ingest: {e}", markup=False, highlight=False)
+        say(f"agentd ingest: {e}")
         return 1
     for path, why in tally.notes:
-        console.print(f"skipped {path}: {why}", markup=False, highlight=False)
+        say(f"skipped {path}: {why}")
     for path, why in tally.failed:
-        console.print(f"failed {path}: {why}", markup=False, highlight=False)
-    print(tally.summary(time.monotonic() - began))
+        say(f"failed {path}: {why}")
+    print(tally.summary(time.monotonic() - began), flush=True)
     return tally.exit_status
 
 
-async def _ingest_at(url: str, headers: dict[str, str], found: Found, console: Any) -> Tally:
+def say(line: str) -> None:
+    """A note on stderr, one line whatever the terminal's width."""
+    print(line, file=sys.stderr, flush=True)
+
+
+async def _ingest_at(url: str, headers: dict[str, str], found: Found) -> Tally:
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -335,8 +338,10 @@ async def _ingest_at(url: str, headers: dict[str, str], found: Found, console: A
         TimeElapsedColumn,
     )
 
+    console = Console(stderr=True)
     timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=10)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as client:
+        # Only on a terminal: in a pipe or a log the summary line says it all.
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True,
                       disable=not console.is_terminal) as progress:
