@@ -23,6 +23,7 @@ import psutil
 import pytest
 import trio
 
+from app.web.documents import THREAD_CHARS
 from tests.e2e.conftest import SHARED_ENV, AgentdTree, read_stream, tree_root
 
 if TYPE_CHECKING:
@@ -118,7 +119,8 @@ async def test_documents_are_listed_and_a_relevant_passage_ranks_first(alice):
 
 async def test_the_same_source_again_keeps_its_id_and_replaces_its_chunks(alice):
     source = unique("replaced")
-    old = " ".join(f"Paragraph {i} tells of the quartz mine at Pelican Ridge." for i in range(60))
+    old = " ".join(f"Paragraph {i} tells of the quartz mine at Pelican Ridge." for i in range(450))
+    assert len(old) > THREAD_CHARS  # cut in a worker thread
     with trio.fail_after(30):
         first = await add(alice, old, source=source)
         assert first["chunks"] > 1
