@@ -67,6 +67,11 @@ class Lifecycle:
                 with open(path) as f:
                     handed = json.load(f)
                 deadline, drain_end = float(handed["deadline"]), float(handed["drain_end"])
+                # Our own deadline is when our layer gets SIGKILLed, a little before it.
+                kill_at = handed.get("kill_at", {}).get(os.environ.get("AGENTD_LAYER", ""))
+                if kill_at is not None:
+                    margin = min(0.25, 0.1 * (float(kill_at) - drain_end))
+                    deadline = min(deadline, float(kill_at) - margin)
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         self.deadline = trio_now + (deadline - wall_now)

@@ -94,6 +94,7 @@ def child_env(spec: ChildSpec, notify_path: str, extra: Mapping[str, str]) -> di
     env.update(extra)
     env.update(spec.env)
     env["NOTIFY_SOCKET"] = notify_path
+    env["AGENTD_LAYER"] = spec.layer.name.lower()
     if spec.watchdog is not None:
         env["WATCHDOG_USEC"] = str(int(spec.watchdog * 1_000_000))
     return env

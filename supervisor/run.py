@@ -92,6 +92,8 @@ class Tree:
             "deadline": now + self.plan.timeout,
             "drain_end": now + self.plan.drain_end,
             "reason": reason,
+            # When each layer's processes are SIGKILLed: a child's own deadline.
+            "kill_at": {layer.name.lower(): now + self.plan.kill_at(layer) for layer in Layer},
         }
         _write_atomic(self.runtime_dir / SHUTDOWN_FILE, json.dumps(deadline))
         self.upstream.notify(

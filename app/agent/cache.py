@@ -16,9 +16,13 @@ log = structlog.get_logger("cache")
 PREFIX = "agentd:cache:"
 
 
-def cache_key(model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
-    """`messages` start with the system prompt, so it is part of the key."""
-    material = json.dumps({"model": model, "messages": messages, "tools": tools},
+def cache_key(owner: str, model: str, messages: list[dict[str, Any]],
+              tools: list[dict[str, Any]]) -> str:
+    """`messages` start with the system prompt, so it is part of the key. So is the owner:
+    an answer may quote the owner's own documents (search_knowledge_base), which another
+    user must never be served from the cache."""
+    material = json.dumps({"owner": owner, "model": model, "messages": messages,
+                           "tools": tools},
                           sort_keys=True, separators=(",", ":"))
     return PREFIX + hashlib.sha256(material.encode()).hexdigest()
 

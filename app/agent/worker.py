@@ -181,7 +181,7 @@ class Worker:
                 key = None
                 if run["cache"]:
                     messages = build_messages(self.deps, history, user)
-                    key = cache_key(self.deps.provider.model, messages,
+                    key = cache_key(run["owner"], self.deps.provider.model, messages,
                                     self.deps.tools.openai_tools())
                     reason = await self._from_cache(state, key)
                 if not state.cached:
@@ -235,7 +235,7 @@ class Worker:
                             f"GET /api/runs/{run_id}, or ask again to continue.")
         deadline = trio.current_time() + PERSIST_S
         if self.life.draining.is_set():
-            deadline = min(deadline, self.life.deadline - 0.45 * self.settings.reserve)
+            deadline = min(deadline, self.life.deadline)  # our layer's kill time, less a margin
         content = "".join(state.content)
         with trio.CancelScope(shield=True, deadline=deadline) as persist:
             message_id = await self.db.run(lambda c: q.finish(
@@ -314,11 +314,10 @@ async def serve_worker(settings: Settings, life: Lifecycle, db: Database,
             await worker.claim_loop(runs)
             await worker.drain()
             # Runs have ended (or are persisting under their own shields): stop the loops.
-            while worker.active:
-                worker.idle = trio.Event()
-                with trio.move_on_at(life.deadline - 0.4 * settings.reserve):
+            with trio.move_on_at(life.deadline):
+                while worker.active:
+                    worker.idle = trio.Event()
                     await worker.idle.wait()
-                break
             runs.cancel_scope.cancel()
         ended = " ".join(f"{k}={v}" for k, v in sorted(worker.ended_during_drain.items()))
         life.status(f"runs ended: {ended or 'none'}")

@@ -94,8 +94,16 @@ class WebState:
             metrics.shutdown_streams.labels(reason).inc()
 
     def stream_cutoff(self) -> float:
-        """When a draining stream stops waiting for its agent's `end` and sends its own."""
-        return self.life.drain_deadline + 0.35 * self.settings.reserve
+        """When a draining stream stops waiting for its agent's `end` and sends its own:
+        halfway between the drain deadline and this process's own deadline."""
+        return self.life.drain_deadline + 0.5 * self._stop_span()
+
+    def _stop_span(self) -> float:
+        return max(0.0, self.life.deadline - self.life.drain_deadline)
+
+    def close_connections_at(self) -> float:
+        """When connections still open are told to close (hypercorn `terminated`)."""
+        return self.life.drain_deadline + 0.85 * self._stop_span()
 
     def request_started(self) -> None:
         self.in_flight += 1

@@ -59,11 +59,11 @@ async def serve_http(app: Any, config: Config, fd: int, state: WebState,
                 task_status.started()
                 await life.draining.wait()
                 accepting.cancel_scope.cancel()
-            with trio.move_on_at(life.deadline - 0.3):
+            with trio.move_on_at(state.close_connections_at()):
                 await state.idle_or_deadline()
             # From now on hypercorn closes each connection after its response.
             await context.terminated.set()
-            with trio.move_on_at(min(trio.current_time() + CLOSE_GRACE_S, life.deadline - 0.2)):
+            with trio.move_on_at(min(trio.current_time() + CLOSE_GRACE_S, life.deadline)):
                 await state.idle_or_deadline()
             connections.cancel_scope.cancel()
         with trio.move_on_after(1):

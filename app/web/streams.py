@@ -122,7 +122,7 @@ async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Rece
             if on_disconnect == "cancel":
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
                     await request_cancel(state, run_id)
-    if not left:
+    if not left and not ended:
         # The chunked terminator, then hypercorn closes (or keeps) the connection cleanly.
         await send({"type": "http.response.body", "body": framing.close(), "more_body": False})
 
@@ -166,12 +166,19 @@ async def _relay(state: WebState, hub: EventHub, send: Send, framing: Framing, r
 
 async def _send_event(state: WebState, send: Send, framing: Framing, event: Event) -> bool:
     body = framing.event(event.id, event.type, event.data)
-    if body:  # a framing may have nothing to say for some events
-        await send({"type": "http.response.body", "more_body": True, "body": body})
     if event.type != "end":
+        if body:  # a framing may have nothing to say for some events
+            await send({"type": "http.response.body", "more_body": True, "body": body})
         return False
+    await _finish(send, body + framing.close())
     state.count_end(str(event.payload().get("reason")))
     return True
+
+
+async def _finish(send: Send, body: bytes) -> None:
+    """The `end` and the chunked terminator in one write: a stream is never left with its
+    `end` but without a clean end of body (a process killed between two writes)."""
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _send_own_end(state: WebState, send: Send, framing: Framing, run_id: str) -> None:
@@ -187,5 +194,4 @@ async def _send_own_end(state: WebState, send: Send, framing: Framing, run_id: s
                    f"Follow it with GET /api/runs/{run_id}/events and Last-Event-ID."),
     })
     state.count_end("server_shutdown")
-    await send({"type": "http.response.body", "body": framing.event(None, "end", data),
-                "more_body": True})
+    await _finish(send, framing.event(None, "end", data) + framing.close())
