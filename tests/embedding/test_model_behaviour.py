@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 DIM = 384  # all-MiniLM-L6-v2
 STOP_S = 30
+# The bounds below are generous on purpose: on 2 cores shared with other test runs (load ~10)
+# one single-text encode took up to 1.3 s, and a persisted upsert ~10-80 ms per point.
 
 # 300 short documents, 60 topics x 5 aspects, all distinct; two topics sit next to the target's.
 TOPICS = [
@@ -94,7 +96,7 @@ async def test_embeddings_are_deterministic_and_normalised(service: Service):
     texts = ["The cat sat on the mat.", "Quarterly revenue grew by five percent.",
              "Ein Satz auf Deutsch, mit Umlauten: über, schön, Größe."]
     async with EmbeddingClient(service.socket_path) as client:
-        with trio.fail_after(60):
+        with trio.fail_after(120):
             first = [(await client.embed([text]))[0] for text in texts]
             again = [(await client.embed([text]))[0] for text in texts]
             together_1 = await client.embed(texts)
@@ -118,7 +120,7 @@ async def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_vect
 ):
     texts = [f"Note {i}: {DOCUMENTS[i * 9]}" for i in range(32)]
     async with EmbeddingClient(service.socket_path) as client:
-        with trio.fail_after(120):
+        with trio.fail_after(240):
             sequential = [(await client.embed([text]))[0] for text in texts]
             before = await client.health()
             concurrent: list[list[float]] = [[] for _ in texts]
@@ -151,7 +153,7 @@ async def test_search_finds_the_paraphrased_document_among_hundreds(service: Ser
     points += chunk_points(target_id, TARGET, owner=owner, source="router.md", title="Router")
     assert len(points) == len(DOCUMENTS) + 1 == 301
     async with EmbeddingClient(service.socket_path) as client:
-        with trio.fail_after(180):
+        with trio.fail_after(300):
             assert await client.upsert(points) == len(points)
             results = await client.search(PARAPHRASE, 5, owner)
             elsewhere = await client.search(PARAPHRASE, 5, f"nobody-{uuid.uuid4()}")
@@ -167,7 +169,7 @@ async def test_re_upserting_the_same_points_is_idempotent(service: Service):
               for point in chunk_points(f"doc-{i}", text, owner=owner)]
     query = "what do beginners get wrong?"
     async with EmbeddingClient(service.socket_path) as client:
-        with trio.fail_after(120):
+        with trio.fail_after(180):
             assert await client.upsert(points) == 20
             first = await client.search(query, 100, owner)
             assert await client.upsert(points) == 20
@@ -211,7 +213,7 @@ BAD_MODELS = {
 }
 
 
-CORRUPT_WEIGHTS_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+CORRUPT_WEIGHTS_BUG = pytest.mark.xfail(strict=True, reason=(
     "app/embedding/service.py load_model catches only OSError/ValueError/RuntimeError around "
     "SentenceTransformer(); safetensors' SafetensorError (an Exception) escapes as an "
     "ExceptionGroup traceback with no start_failed line"))
