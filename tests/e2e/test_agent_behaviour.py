@@ -34,6 +34,7 @@ from tests.e2e.conftest import (
     run_final,
     tree_root,
 )
+from tests.e2e.test_operating import log_events
 from tests.support.scripted_llm import ScriptedLLM, token_text
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
 
 
 def warnings_for(tree: AgentdTree, event: str, run_id: str) -> list[dict[str, Any]]:
-    return [e for e in tree.events(event) if e.get("run_id") == run_id
+    return [e for e in log_events(tree, event) if e.get("run_id") == run_id
             and e.get("level") == "warning"]
 
 
@@ -260,7 +261,7 @@ async def test_a_primary_llm_failing_after_its_retries_hands_the_call_to_the_fal
             "fallback_ok": await metric(client, "agentd_llm_requests_total",
                                         model=FALLBACK_MODEL, outcome="success"),
         }
-        warned = await eventually(lambda: [e for e in agent_tree.events("llm_endpoint_failed")
+        warned = await eventually(lambda: [e for e in log_events(agent_tree, "llm_endpoint_failed")
                                            if e.get("model") == "scripted"], 10)
     body = response.json()
     assert body["reason"] == "completed" and body["response"] == token_text(3), body

@@ -143,10 +143,28 @@ async def fresh_connections(base_url: str, method: str, path: str, count: int,
     return answers
 
 
+def log_events(tree: AgentdTree, name: str) -> list[dict[str, Any]]:
+    """The tree's log events called `name`, also those run together on one line: each process
+    writes a line's JSON and its newline in two writes (structlog's PrintLogger under
+    PYTHONUNBUFFERED), so two processes logging at once can leave `{…}{…}` on one line."""
+    decoder = json.JSONDecoder()
+    found = []
+    for line in tree.text().splitlines():
+        at = 0
+        while (start := line.find("{", at)) >= 0:
+            try:
+                event, at = decoder.raw_decode(line, start)
+            except ValueError:
+                break
+            if isinstance(event, dict) and event.get("event") == name:
+                found.append(event)
+    return found
+
+
 def served_by(tree: AgentdTree, tag: str) -> dict[int, int]:
     """Web pid → requests it logged whose X-Request-ID starts with `tag`."""
     pids: dict[int, int] = {}
-    for event in tree.events("request"):
+    for event in log_events(tree, "request"):
         if str(event.get("request_id", "")).startswith(f"{tag}-"):
             pids[event["pid"]] = pids.get(event["pid"], 0) + 1
     return pids
@@ -431,7 +449,7 @@ class TestWithAuth:
                 "x-request-id": request_id, "x-forwarded-for": "203.0.113.9",
                 "x-real-ip": "203.0.113.10"})
             assert response.status_code == 200
-            logged = await eventually(lambda: [e for e in auth_tree.events("request")
+            logged = await eventually(lambda: [e for e in log_events(auth_tree, "request")
                                                if e.get("request_id") == request_id], 10)
         assert logged[0]["client"] == "127.0.0.1", logged
 
@@ -536,7 +554,7 @@ class TestBehindATrustedProxy:
                 assert response.status_code == 200, response.text
 
             def logged() -> dict[str, str] | None:
-                found = {e["request_id"]: e["client"] for e in proxy_tree.events("request")}
+                found = {e["request_id"]: e["client"] for e in log_events(proxy_tree, "request")}
                 return found if all(i in found for i in ids.values()) else None
 
             found = await eventually(logged, 10)
