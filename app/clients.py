@@ -51,7 +51,12 @@ def status(url: str, auth: dict[str, str]) -> int:
     with httpx.Client(timeout=10, headers=auth) as client:
         ready = client.get(f"{url}/ready").json()
         health = client.get(f"{url}/health").json()
-        info = client.get(f"{url}/api/status").json()
+        answer = client.get(f"{url}/api/status")
+        if answer.status_code == 401:
+            print(f"agentd status: {url} refused the credentials: pass --api-key (or set "
+                  "AGENTD_API_KEYS)", file=sys.stderr)
+            return 1
+        info = answer.json()
     print(f"agentd at {url}: {ready.get('status')}, {health.get('status')}, "
           f"up {info.get('uptime_s')} s")
     for name, value in health.get("checks", {}).items():

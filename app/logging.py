@@ -49,7 +49,9 @@ def setup(role: str, *, level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line (PrintLogger writes the newline apart): lines of the processes
+        # sharing stderr never run into each other.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Libraries that log through the standard library (hypercorn, httpx, psycopg) go

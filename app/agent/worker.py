@@ -193,6 +193,10 @@ class Worker:
                                           self.settings.cache_ttl)
             if scope.cancelled_caught:
                 reason = state.cancel_reason or "timeout"
+                if reason == "cancelled":
+                    state.detail = ("the run was cancelled (POST /cancel, or its client left "
+                                    "with on_disconnect: cancel); the answer so far is saved. "
+                                    "Ask again to continue.")
                 if reason == "timeout":
                     state.detail = (f"the run reached its time limit of {limit:g} s; the partial "
                                     "answer is saved. Ask for less, or raise the timeout.")

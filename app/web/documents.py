@@ -59,6 +59,7 @@ from app.embedding.client import (
 )
 from app.web.api import owner_of, parse_body
 from app.web.errors import NotFound, Unavailable, ValidationFailed
+from app.web.models import storable
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -105,23 +106,15 @@ def checked(body: DocumentRequest) -> DocumentRequest:
     body.source = body.source if body.source and body.source.strip() else None
     body.title = body.title if body.title and body.title.strip() else None
     for name, value in (("text", body.text), ("source", body.source), ("title", body.title)):
-        if value is not None and not _storable(value, allow_nul=name == "text"):
+        if value is not None and not storable(value, allow_nul=name == "text"):
             raise ValidationFailed(f"{name}: NUL characters and lone surrogates are not allowed")
     if body.metadata is not None:
         encoded = json.dumps(body.metadata, ensure_ascii=False)
-        if "\\u0000" in encoded or not _storable(encoded, allow_nul=False):
+        if "\\u0000" in encoded or not storable(encoded):
             raise ValidationFailed("metadata: NUL characters and lone surrogates are not allowed")
         if len(encoded.encode()) > MAX_METADATA_BYTES:
             raise ValidationFailed(f"metadata: at most {MAX_METADATA_BYTES} bytes as JSON")
     return body
-
-
-def _storable(value: str, *, allow_nul: bool) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return allow_nul or "\x00" not in value
 
 
 def search_params(args: Any) -> tuple[str, int]:

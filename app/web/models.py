@@ -8,15 +8,33 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_MESSAGE = 32000
+
+
+def storable(value: str, *, allow_nul: bool = False) -> bool:
+    """Text PostgreSQL can keep: valid UTF-8 (no lone surrogates) and, in text columns, no NUL."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return allow_nul or "\x00" not in value
+
+
+def _storable_text(value: str) -> str:
+    if not storable(value):
+        raise ValueError("NUL characters and lone surrogates are not allowed")
+    return value
+
+
+StorableText = Annotated[str, AfterValidator(_storable_text)]
 
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    message: str = Field(min_length=1, max_length=MAX_MESSAGE)
+    message: StorableText = Field(min_length=1, max_length=MAX_MESSAGE)
     session_id: str | None = Field(None, max_length=64)
     timeout: float | None = Field(None, ge=1, le=600)
     cache: bool | None = None
@@ -33,7 +51,7 @@ class RunRequest(ChatRequest):
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    messages: list[Annotated[str, Field(min_length=1, max_length=MAX_MESSAGE)]] = Field(
+    messages: list[Annotated[StorableText, Field(min_length=1, max_length=MAX_MESSAGE)]] = Field(
         min_length=1, max_length=100)
     priority: int = Field(5, ge=0, le=9)
     session_id: str | None = Field(None, max_length=64)

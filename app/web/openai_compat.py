@@ -68,7 +68,7 @@ from app.web.api import (
     wait_for_end,
 )
 from app.web.errors import ApiError, BadJson, NotFound, openai_error_json, outcome_error
-from app.web.models import ChatRequest
+from app.web.models import ChatRequest, storable
 
 if TYPE_CHECKING:
     from collections.abc import MutableMapping
@@ -140,7 +140,7 @@ def _last_user_text(messages: Any, max_chars: int) -> str:
         if not isinstance(message, dict):
             raise invalid(f"messages[{i}]", "each message must be an object", "invalid_type")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise invalid(f"messages[{i}].role",
                           f"role must be one of {', '.join(sorted(ROLES))}")
         if role == "user":
@@ -154,6 +154,8 @@ def _last_user_text(messages: Any, max_chars: int) -> str:
     if len(text) > max_chars:
         raise invalid(param, f"the last user message is over {max_chars} characters",
                       "string_above_max_length")
+    if not storable(text):
+        raise invalid(param, "NUL characters and lone surrogates are not allowed")
     return text
 
 

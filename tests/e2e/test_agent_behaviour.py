@@ -351,13 +351,6 @@ async def test_chat_answers_409_when_another_client_cancels_its_run(loop_llm, ag
     assert token_text(200).startswith(body["response"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "app/agent/worker.py run_one: a running run that is cancelled (POST /cancel, or a "
-    "client leaving with on_disconnect: cancel) ends with no `detail` (only `timeout` gets "
-    "one there), against API.md 'the end of every run that did not complete carries a "
-    "detail'; /api/chat's 409 then says only 'the run did not complete; the partial answer "
-    "is saved'. Set state.detail for reason `cancelled` (who cancelled, that the partial is "
-    "saved, that asking again continues)"))
 async def test_a_cancelled_run_ends_with_a_detail_that_says_it_was_cancelled(loop_llm, client):
     marker = nonce()
     with trio.fail_after(30):

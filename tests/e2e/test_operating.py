@@ -390,10 +390,6 @@ class TestWithAuth:
         for name in ("web-0", "web-1", "agent-0", "embedding", "postgres", "redis"):
             assert any(row.split()[:2] == [name, "ready"] for row in out.splitlines()), out
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "app/clients.py status(): the /api/status answer is read with .json() whatever its "
-        "status code, so a 401 (no or a wrong --api-key) prints 'runs none', 'up None s' and "
-        "no processes, and exits 0; it should say the credentials were refused and exit 1"))
     async def test_agentd_status_without_a_key_says_it_was_refused_and_exits_1(
         self, auth_tree, tmp_path
     ):
@@ -453,12 +449,6 @@ class TestWithAuth:
                                                if e.get("request_id") == request_id], 10)
         assert logged[0]["client"] == "127.0.0.1", logged
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "a chat message PostgreSQL cannot store (a NUL character; on /v1 also a lone "
-        "surrogate) answers 500 instead of 422/400: app/web/api.py create() and "
-        "create_batch() pass it to INSERT INTO messages, which fails; /api/chat/stream and "
-        "/v1/chat/completions (raw ASGI) then answer a bare 500 with no body. The "
-        "documents route already refuses such text (documents.py checked/_storable)"))
     async def test_text_postgresql_cannot_store_is_refused_with_a_4xx_not_a_500(self, k1):
         nul, lone = "a\x00b", "a\ud800b"
         bodies = [
@@ -477,10 +467,6 @@ class TestWithAuth:
                 answers.append((path, response.status_code, response.text[:120]))
         assert all(status in (400, 422) for _, status, _ in answers), answers
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "app/web/openai_compat.py _last_user_text: `role not in ROLES` (a frozenset) raises "
-        "TypeError for a role that is a JSON object or array (unhashable), so /v1/chat/"
-        "completions answers a bare 500 with no body; check isinstance(role, str) first"))
     async def test_v1_a_role_that_is_not_a_string_is_a_400(self, k1):
         with trio.fail_after(30):
             for role in ({"x": 1}, ["user"]):
