@@ -150,9 +150,11 @@ def load_model(name: str, device_setting: str) -> Model:
     gc.freeze()
 
     device = resolve_device(device_setting, torch.cuda.is_available())
+    if name.startswith(("/", ".")) and not os.path.exists(name):
+        raise ModelError(f"cannot load embedding model {name} on {device}: no such directory")
     try:
         model = Model(name, device, SentenceTransformer(name, device=device))
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - loaders raise anything (safetensors, pickle, …)
         raise ModelError(f"cannot load embedding model {name} on {device}: {e}") from e
     warm = model.encode(["warm-up"])
     if len(warm) != 1 or len(warm[0]) != model.dim:

@@ -213,16 +213,10 @@ BAD_MODELS = {
 }
 
 
-CORRUPT_WEIGHTS_BUG = pytest.mark.xfail(strict=True, reason=(
-    "app/embedding/service.py load_model catches only OSError/ValueError/RuntimeError around "
-    "SentenceTransformer(); safetensors' SafetensorError (an Exception) escapes as an "
-    "ExceptionGroup traceback with no start_failed line"))
-
-
 @pytest.mark.parametrize("kind", [
     "missing",
     "garbage_config",
-    pytest.param("corrupt_weights", marks=CORRUPT_WEIGHTS_BUG),
+    "corrupt_weights",
 ])
 async def test_a_bad_model_stops_the_start_with_one_clear_line(kind: str, private_dir: Path):
     model = BAD_MODELS[kind](private_dir)
