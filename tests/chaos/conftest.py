@@ -103,6 +103,8 @@ class Tally:
     ends: Counter[str] = field(default_factory=Counter)
     runs: Counter[str] = field(default_factory=Counter)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: What went wrong, in words (a scenario that checks many things lists them all here).
+    problems: list[str] = field(default_factory=list)
 
     def count_stream(self, kind: str, result: StreamResult | None) -> None:
         self.streams[kind] += 1
@@ -126,6 +128,8 @@ class Tally:
                  f"ends={fmt(self.ends)}", f"runs={fmt(self.runs)}"]
         parts += [f"{k}={v}" for k, v in self.extra.items()]
         parts.append(f"load={os.getloadavg()[0]:.1f}")
+        if self.problems:
+            parts.append("problems=" + " | ".join(p[:300] for p in self.problems))
         parts.append(f"took={time.monotonic() - self.began:.1f}s")
         return f"CHAOS {self.name}: " + " ".join(parts)
 
@@ -264,11 +268,3 @@ def _pid_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def signal_name(outcome: str) -> str:
-    return outcome.rsplit(" ", 1)[-1]
-
-
-def env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))

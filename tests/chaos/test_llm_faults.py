@@ -85,7 +85,7 @@ async def test_llm_faults_are_retried_within_bounds_fall_back_and_end_with_a_det
                     for case in CASES:
                         for i in range(PER_CASE):
                             nursery.start_soon(chat, case, i)
-            problems: list[str] = []
+            problems = tally.problems
             runs: dict[tuple[str, int], dict[str, Any]] = {}
             for (case, i), result in sorted(results.items()):
                 tally.count_stream(case, result)

@@ -76,9 +76,24 @@ def big_text() -> str:
     return "".join(sentences)
 
 
-@pytest.mark.xfail(strict=True, reason="the clients that stopped reading hit the slow-reader "
-                   "bug below (web SIGKILLed, exit 1); see also the report's notes on the "
-                   "agent's persist window and the embedding's in-flight batch")
+@pytest.mark.xfail(strict=True, reason=(
+    "bugs: (1) the clients that stopped reading keep both web processes past the edge "
+    "layer's kill time (SLOW_READER_XFAIL below): web-0 and web-1 SIGKILLed, exit 1. "
+    "(2) the agent's persist window is too short for hundreds of runs: Worker.drain "
+    "(app/agent/worker.py) cancels every run at the drain deadline at once, and each "
+    "Worker.conclude does its own q.finish transaction, then EventWriter.append_now, which "
+    "takes the writer's single lock for one Redis call per run, all under a deadline of "
+    "deadline - 0.45 x reserve (2.75 s after the drain end here): with ~480 runs per agent "
+    "only ~100-250 finish, the rest log run_persist_timeout with the run already committed "
+    "final but its last buffered tokens and its `end` never appended, so the web sends its "
+    "own `end` and the stored content is longer than what the client got. Fix: conclude the "
+    "interrupted runs in bulk (one transaction, one append call carrying every buffered "
+    "token and `end`), and append before committing. (3) a large ingest in flight: the "
+    "embedding process waits for the batch in its encoder (app/embedding/main.py _serve: "
+    "the encoder thread is never abandoned; 64 chunks take seconds on CPU) but is SIGTERMed "
+    "only once web and agent have exited, ~1 s before its kill time: SIGKILLed, exit 1. Fix: "
+    "abandon the encoder at the model layer's kill time (os._exit follows anyway) or encode "
+    "in small sub-batches once draining."))
 async def test_sigterm_with_1000_streams_exits_in_budget_and_loses_nothing(start_tree,
                                                                           llm_process):
     with summary("sigterm_1000_streams") as tally, dead_endpoint() as search_url:
@@ -193,7 +208,7 @@ async def test_sigterm_with_1000_streams_exits_in_budget_and_loses_nothing(start
         tally.extra["persist_timeouts"] = persist_timeouts
 
         # Every invariant is checked, and all that fail are reported together.
-        problems: list[str] = []
+        problems = tally.problems
         if status != 0 or summary_event["killed"]:
             problems.append(f"exit {status}, killed {summary_event['killed']}")
         if took > TIMEOUT + 1:
@@ -247,7 +262,6 @@ async def test_sigterm_with_1000_streams_exits_in_budget_and_loses_nothing(start
                 problems.append(f"the ingest answered 201 but the store has {mine}")
         elif any(d["chunks"] for d in mine):  # cut: absent, or listed as not indexed
             problems.append(f"the ingest was cut ({ingest}) yet its document is indexed")
-        tally.extra["problems"] = len(problems)
         assert not problems, problems
         assert tree.stop(timeout=TIMEOUT + 5) == 0
 

@@ -211,14 +211,13 @@ async def check_recovered(client: httpx.AsyncClient, tag: str, seen: dict[str, l
 
 async def test_supervisor_sigkill_leaves_no_process_and_the_next_start_recovers(llm):
     rng = random.Random(SEED)
-    problems: list[str] = []
     env = {"AGENTD_SHUTDOWN_TIMEOUT": str(TIMEOUT), "AGENTD_WEB_WORKERS": "2",
            "AGENTD_AGENT_WORKERS": "2"}
     with summary("supervisor_sigkill") as tally, tree_root("supervisor-kill") as root:
         tally.extra["seed"] = SEED
         tree = AgentdTree(root / "tree0", llm.base_url, env)
         try:
-            await phases(tree, rng, tally, problems)
+            await phases(tree, rng, tally, tally.problems)
         finally:
             tree.kill()
 
