@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import psutil
 import pytest
 import trio
 
@@ -69,7 +70,10 @@ class Pids:
     def poll(self) -> None:
         assert self.tree.popen is not None
         self.seen.add(self.tree.popen.pid)
-        self.seen.update(p.pid for p in tree_processes(self.tree.popen.pid).all)
+        try:
+            self.seen.update(p.pid for p in tree_processes(self.tree.popen.pid).all)
+        except psutil.NoSuchProcess:
+            pass  # the supervisor was just SIGKILLed (and reaped): nothing new to see
 
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
