@@ -398,6 +398,9 @@ async def _watchdog(spec: ChildSpec, incarnation: _Incarnation) -> None:
     )
     incarnation.watchdog_fired = True
     incarnation.signal(signal.SIGABRT)
+    # A stopped child (SIGSTOP) would keep the SIGABRT pending until the SIGKILL below, and
+    # never write its stack dump: let it run to take it.
+    incarnation.signal(signal.SIGCONT)
     with trio.move_on_after(5):
         await incarnation.process.wait()
     incarnation.kill_group()
