@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, LiteralString
 
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -51,16 +51,42 @@ def _uuid(value: str) -> uuid.UUID:
         raise NotFoundError(value) from None
 
 
+def _check_queue_room(conn: psycopg.Connection[Any], adding: int, max_queued: int) -> None:
+    """The system-wide bound on queued runs (API.md: beyond it, 503 busy)."""
+    queued = conn.execute("SELECT count(*) FROM runs WHERE status = 'queued'").fetchone()
+    if queued is not None and queued[0] + adding > max_queued:
+        raise QueueFull()
+
+
+_OWNER_OF: dict[str, LiteralString] = {
+    "sessions": "SELECT owner FROM sessions WHERE id = %s",
+    "batches": "SELECT owner FROM batches WHERE id = %s",
+}
+
+
+def _owned(conn: psycopg.Connection[Any], table: Literal["sessions", "batches"], object_id: str,
+           owner: str | None) -> uuid.UUID:
+    """The id of an object of ``owner``'s (None: anyone's), or `NotFoundError`."""
+    oid = _uuid(object_id)
+    query = _OWNER_OF[table]
+    found = conn.execute(query, (oid,)).fetchone()
+    if found is None or (owner is not None and found[0] != owner):
+        raise NotFoundError(object_id)
+    return oid
+
+
 def create_run(
     conn: psycopg.Connection[Any], *, owner: str, message: str, session_id: str | None,
     on_disconnect: str, timeout_s: float | None, cache: bool, priority: int = 5,
-    batch_id: str | None = None, max_queued: int,
+    batch_id: str | None = None, max_queued: int | None,
 ) -> NewRun:
-    """Session (new or the owner's), user message and queued run (a trigger wakes agents)."""
+    """Session (new or the owner's), user message and queued run (a trigger wakes agents).
+
+    ``max_queued=None``: the caller has already checked the queue bound for this run.
+    """
     cur = conn.cursor()
-    queued = cur.execute("SELECT count(*) FROM runs WHERE status = 'queued'").fetchone()
-    if queued is not None and queued[0] >= max_queued:
-        raise QueueFull()
+    if max_queued is not None:
+        _check_queue_room(conn, 1, max_queued)
     if session_id is None:
         sid = uuid.uuid4()
         cur.execute("INSERT INTO sessions (id, owner) VALUES (%s, %s)", (sid, owner))
@@ -188,10 +214,7 @@ def history(conn: psycopg.Connection[Any], session_id: str, before_message: str,
 def messages(conn: psycopg.Connection[Any], session_id: str, owner: str | None
              ) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
-    sid = _uuid(session_id)
-    found = cur.execute("SELECT owner FROM sessions WHERE id = %s", (sid,)).fetchone()
-    if found is None or (owner is not None and found["owner"] != owner):
-        raise NotFoundError(session_id)
+    sid = _owned(conn, "sessions", session_id, owner)
     return cur.execute(
         "SELECT id::text AS message_id, role, content, status, tool_calls, tool_results,"
         " run_id::text, created_at FROM messages WHERE session_id = %s ORDER BY seq",
@@ -202,15 +225,13 @@ def create_batch(conn: psycopg.Connection[Any], *, owner: str, messages: list[st
                  priority: int, session_id: str | None, cache: bool, max_queued: int
                  ) -> tuple[str, list[str]]:
     """A batch and one queued run per message, all in one transaction: all or nothing."""
-    queued = conn.execute("SELECT count(*) FROM runs WHERE status = 'queued'").fetchone()
-    if queued is not None and queued[0] + len(messages) > max_queued:
-        raise QueueFull()
+    _check_queue_room(conn, len(messages), max_queued)
     bid = uuid.uuid4()
     conn.execute("INSERT INTO batches (id, owner) VALUES (%s, %s)", (bid, owner))
     run_ids = [
         create_run(conn, owner=owner, message=message, session_id=session_id,
                    on_disconnect="continue", timeout_s=None, cache=cache, priority=priority,
-                   batch_id=str(bid), max_queued=max_queued + len(messages)).run_id
+                   batch_id=str(bid), max_queued=None).run_id
         for message in messages
     ]
     return str(bid), run_ids
@@ -219,10 +240,7 @@ def create_batch(conn: psycopg.Connection[Any], *, owner: str, messages: list[st
 def get_batch(conn: psycopg.Connection[Any], batch_id: str, owner: str | None
               ) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
-    bid = _uuid(batch_id)
-    found = cur.execute("SELECT owner FROM batches WHERE id = %s", (bid,)).fetchone()
-    if found is None or (owner is not None and found["owner"] != owner):
-        raise NotFoundError(batch_id)
+    bid = _owned(conn, "batches", batch_id, owner)
     return cur.execute(
         "SELECT id::text AS run_id, status, reason FROM runs WHERE batch_id = %s"
         " ORDER BY created_at", (bid,)).fetchall()
