@@ -15,15 +15,28 @@ At the drain the accepting nursery is cancelled: `serve_listeners` leaves the li
 `async with`, which closes our copy of the socket (the supervisor and the other web
 processes close theirs). Connections carry on until nothing is in flight (an idle
 keep-alive connection does not count) or the deadline, then they are cancelled.
+
+Two changes to hypercorn's per-connection code, both in `Connection`:
+
+- hypercorn writes each piece of a response in a shielded scope (a write cancelled halfway
+  would corrupt the connection). A client that stopped reading then holds the process
+  forever: its socket buffer is full and the shielded write never returns. Ours are
+  shielded too, but `abort` cancels them when the drain is over, and the connection closes.
+- an SSE body is many small writes, and hypercorn's path for each one (the ASGI message, its
+  protocol events, h11's framing, a lock, the shielded write) costs more CPU than the rest
+  of the relay (notes/stack.md). `RawBody` frames the chunks itself and writes them to the
+  socket directly: one `os.write` per write, and no checkpoint unless the socket is full.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
+from hypercorn.events import Closed, RawData
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -31,12 +44,129 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, MutableMapping
+
     from hypercorn.config import Config
+    from hypercorn.events import Event
 
     from app.web.app import WebState
 
 #: Once idle, how long connections may still finish writing (e.g. a final chunk).
 CLOSE_GRACE_S = 0.2
+#: The end of a chunked body, as h11 writes it for a response without trailers.
+TERMINATOR = b"0\r\n\r\n"
+EXTENSION = "agentd.connection"
+
+
+class Connection(TCPServer):
+    """hypercorn's connection handler, with writes that can be aborted and a raw body path.
+
+    It puts itself in each request's ``scope["extensions"]``, so that a streaming response
+    can write its body through `RawBody`, and is in ``open_connections`` while it runs, so
+    that the server can `abort` it when the drain is over.
+    """
+
+    def __init__(self, app: Any, config: Config, context: WorkerContext, state: Any,
+                 stream: Any, *, open_connections: set[Connection]) -> None:
+        super().__init__(partial(_with_connection, app, self), config, context, state, stream)
+        self._open = open_connections
+        self._write_scope: trio.CancelScope | None = None
+        self.terminator_written = False
+
+    async def run(self) -> None:
+        self._open.add(self)
+        try:
+            await super().run()
+        finally:
+            self._open.discard(self)
+
+    async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        if self.terminator_written and event.data == TERMINATOR:
+            self.terminator_written = False  # RawBody.finish wrote it with the last event
+            return
+        failed = False
+        async with self.send_lock:
+            with trio.CancelScope(shield=True) as self._write_scope:
+                try:
+                    await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    failed = True
+            failed = failed or self._write_scope.cancelled_caught
+            self._write_scope = None
+        if failed:
+            await self.protocol.handle(Closed())
+
+    def abort(self) -> None:
+        """Give up on a write the client is not reading: the drain is over."""
+        if self._write_scope is not None:
+            self._write_scope.cancel()
+
+
+class RawBody:
+    """A chunked response body written straight to the connection's socket.
+
+    For HTTP/1.1 responses on a plain TCP connection, once hypercorn has sent the headers
+    (h11 chose chunked framing: no content-length). `finish` writes the last piece and the
+    chunked terminator in one write, then tells hypercorn the body is over, which ends the
+    request for h11 (and `Connection` drops the terminator h11 writes again).
+
+    A write cancelled halfway leaves a chunk cut short: that happens only when the client
+    left or the drain is over, and the connection is then closed, never reused.
+    """
+
+    __slots__ = ("_connection", "_fd", "_send")
+
+    def __init__(self, connection: Connection, send: Callable[[MutableMapping[str, Any]],
+                                                              Awaitable[None]]) -> None:
+        self._connection = connection
+        self._fd = connection.stream.socket.fileno()
+        self._send = send
+
+    @staticmethod
+    def of(scope: MutableMapping[str, Any], send: Callable[[MutableMapping[str, Any]],
+                                                           Awaitable[None]]) -> RawBody | None:
+        """The raw path for this request, when it can take it."""
+        connection = (scope.get("extensions") or {}).get(EXTENSION)
+        if (connection is None or scope.get("http_version") != "1.1"
+                or scope.get("method") == "HEAD"
+                or not isinstance(connection.stream, trio.SocketStream)):
+            return None
+        return RawBody(connection, send)
+
+    async def write(self, body: bytes) -> None:
+        if body:
+            await self._write(b"%x\r\n%b\r\n" % (len(body), body))
+
+    async def finish(self, body: bytes) -> None:
+        piece = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+        await self._write(piece + TERMINATOR)
+        self._connection.terminator_written = True
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _write(self, data: bytes) -> None:
+        connection = self._connection
+        if not connection.send_lock.locked():
+            try:
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError as e:
+                raise trio.BrokenResourceError(f"the client went away: {e}") from e
+            if written == len(data):
+                return
+            data = data[written:]
+        # The socket is full (a slow reader): wait for it, cancellably, like any write.
+        async with connection.send_lock:
+            await connection.stream.send_all(data)
+
+
+async def _with_connection(app: Any, connection: Connection, scope: MutableMapping[str, Any],
+                           *args: Any) -> None:
+    scope.setdefault("extensions", {})[EXTENSION] = connection
+    await app(scope, *args)
 
 
 async def serve_http(app: Any, config: Config, fd: int, state: WebState,
@@ -48,7 +178,9 @@ async def serve_http(app: Any, config: Config, fd: int, state: WebState,
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    handler = partial(TCPServer, wrapped, config, context, ConnectionState({}))
+    open_connections: set[Connection] = set()
+    handler = partial(Connection, wrapped, config, context, ConnectionState({}),
+                      open_connections=open_connections)
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
@@ -65,6 +197,8 @@ async def serve_http(app: Any, config: Config, fd: int, state: WebState,
             await context.terminated.set()
             with trio.move_on_at(min(trio.current_time() + CLOSE_GRACE_S, life.deadline)):
                 await state.idle_or_deadline()
+            for connection in list(open_connections):
+                connection.abort()
             connections.cancel_scope.cancel()
         with trio.move_on_after(1):
             await lifespan.wait_for_shutdown()

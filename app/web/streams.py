@@ -24,6 +24,7 @@ import trio
 
 from app import metrics
 from app.events import CONTROL_STREAM, Event, EventHub, id_key, read_after
+from app.web.server import RawBody
 from app.web.sse import KEEPALIVE, encode_event
 
 if TYPE_CHECKING:
@@ -97,6 +98,30 @@ async def request_cancel(state: WebState, run_id: str) -> None:
         await state.redis.xadd(CONTROL_STREAM, {"run_id": run_id}, trim_strategy=None)
 
 
+class AsgiBody:
+    """The body through the ASGI server's `send`: any server, any HTTP version."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+
+    async def write(self, body: bytes) -> None:
+        if body:
+            await self._send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def finish(self, body: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class Body(Protocol):
+    """Where a stream's bytes go: `RawBody` (web/server.py) when it can, else `AsgiBody`."""
+
+    async def write(self, body: bytes) -> None: ...
+
+    async def finish(self, body: bytes) -> None: ...
+
+
 async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Receive, send: Send,
                  *, run_id: str, session_id: str, status: str, last_id: str | None,
                  on_disconnect: str, extra_headers: list[tuple[bytes, bytes]] | None = None,
@@ -104,15 +129,15 @@ async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Rece
     hub: EventHub = state.hub
     await send({"type": "http.response.start", "status": 200,
                 "headers": [*SSE_HEADERS, *(extra_headers or [])]})
-    await send({"type": "http.response.body", "body": framing.start(run_id, session_id, status),
-                "more_body": True})
+    body: Body = RawBody.of(scope, send) or AsgiBody(send)
+    await body.write(framing.start(run_id, session_id, status))
     state.open_streams += 1
     metrics.open_streams.inc()
     ended = False
     left = False
     try:
         left, ended_or_none = await unless_client_leaves(
-            receive, partial(_relay, state, hub, send, framing, run_id, last_id))
+            receive, partial(_relay, state, hub, body, framing, run_id, last_id))
         ended = bool(ended_or_none)
     finally:
         state.open_streams -= 1
@@ -124,64 +149,72 @@ async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Rece
                     await request_cancel(state, run_id)
     if not left and not ended:
         # The chunked terminator, then hypercorn closes (or keeps) the connection cleanly.
-        await send({"type": "http.response.body", "body": framing.close(), "more_body": False})
+        await body.finish(framing.close())
 
 
-async def _relay(state: WebState, hub: EventHub, send: Send, framing: Framing, run_id: str,
+async def _relay(state: WebState, hub: EventHub, body: Body, framing: Framing, run_id: str,
                  last_id: str | None) -> bool:
     """Send events until `end`; return True when an `end` was sent."""
     sub = hub.subscribe(run_id, last_id or "0-0")
     sent = last_id or "0-0"  # the last event id this stream has sent
     try:
-        for event in await read_after(state.redis, run_id, last_id, count=100_000):
-            sent = event.id
+        replay = await read_after(state.redis, run_id, last_id, count=100_000)
+        if replay:
+            sent = replay[-1].id
             # Only forward: the hub may already have dispatched past it, and moving its
             # position back would make it dispatch those events to us a second time.
             sub.last_id = max(sub.last_id, sent, key=id_key)
-            if await _send_event(state, send, framing, event):
+            if await _send_events(state, body, framing, replay):
                 return True
         life = state.life
         while True:
             timeout = KEEPALIVE_S
             if life.draining.is_set():
                 timeout = min(timeout, max(0.0, state.stream_cutoff() - trio.current_time()))
+            batch: list[Event] | None = None
+            # Only the wait is bounded by the keep-alive: a write cancelled halfway would
+            # cut a chunk short.
             with trio.move_on_after(timeout):
                 batch = await sub.receive.receive()
+            if batch is not None:
                 if batch and id_key(batch[0].id) <= id_key(sent):  # [] = a drain wake-up
                     # Queued by the hub while the replay above was reading and sending the
                     # same events: send each event once.
                     batch = [e for e in batch if id_key(e.id) > id_key(sent)]
-                for event in batch:
-                    sent = event.id
-                    if await _send_event(state, send, framing, event):
+                if batch:
+                    sent = batch[-1].id
+                    if await _send_events(state, body, framing, batch):
                         return True
                 continue
             if life.draining.is_set() and trio.current_time() >= state.stream_cutoff():
-                await _send_own_end(state, send, framing, run_id)
+                await _send_own_end(state, body, framing, run_id)
                 return True
-            await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+            await body.write(KEEPALIVE)
     finally:
         sub.close()
 
 
-async def _send_event(state: WebState, send: Send, framing: Framing, event: Event) -> bool:
-    body = framing.event(event.id, event.type, event.data)
-    if event.type != "end":
-        if body:  # a framing may have nothing to say for some events
-            await send({"type": "http.response.body", "more_body": True, "body": body})
-        return False
-    await _finish(send, body + framing.close())
-    state.count_end(str(event.payload().get("reason")))
-    return True
+async def _send_events(state: WebState, body: Body, framing: Framing, events: list[Event]
+                       ) -> bool:
+    """Write events in one write (the hub hands over what arrived together); the `end`, if
+    there, with the chunked terminator. True when the stream has ended."""
+    encode = framing.event
+    pieces = []
+    for event in events:
+        pieces.append(encode(event.id, event.type, event.data))
+        if event.type == "end":
+            pieces.append(framing.close())
+            # The `end` and the chunked terminator in one write: a stream is never left
+            # with its `end` but without a clean end of body (a process killed between two
+            # writes). Nothing is stored after an `end`.
+            await body.finish(b"".join(pieces))
+            state.count_end(str(event.payload().get("reason")))
+            return True
+    await body.write(b"".join(pieces))
+    return False
 
 
-async def _finish(send: Send, body: bytes) -> None:
-    """The `end` and the chunked terminator in one write: a stream is never left with its
-    `end` but without a clean end of body (a process killed between two writes)."""
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _send_own_end(state: WebState, send: Send, framing: Framing, run_id: str) -> None:
+async def _send_own_end(state: WebState, body: Body, framing: Framing, run_id: str) -> None:
     """The agent could not end this stream in time (queued run, or agent gone): we do.
 
     Not written to the run's stream: a queued run continues after the restart, and its
@@ -194,4 +227,4 @@ async def _send_own_end(state: WebState, send: Send, framing: Framing, run_id: s
                    f"Follow it with GET /api/runs/{run_id}/events and Last-Event-ID."),
     })
     state.count_end("server_shutdown")
-    await _finish(send, framing.event(None, "end", data) + framing.close())
+    await body.finish(framing.event(None, "end", data) + framing.close())
