@@ -77,9 +77,7 @@ def big_text() -> str:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "bugs: (1) the clients that stopped reading keep both web processes past the edge "
-    "layer's kill time (SLOW_READER_XFAIL below): web-0 and web-1 SIGKILLed, exit 1. "
-    "(2) the agent's persist window is too short for hundreds of runs: Worker.drain "
+    "bugs: (2) the agent's persist window is too short for hundreds of runs: Worker.drain "
     "(app/agent/worker.py) cancels every run at the drain deadline at once, and each "
     "Worker.conclude does its own q.finish transaction, then EventWriter.append_now, which "
     "takes the writer's single lock for one Redis call per run, all under a deadline of "
@@ -266,20 +264,6 @@ async def test_sigterm_with_1000_streams_exits_in_budget_and_loses_nothing(start
         assert tree.stop(timeout=TIMEOUT + 5) == 0
 
 
-SLOW_READER_XFAIL = (
-    "bug: a client that stops reading holds its web process past the edge layer's kill "
-    "time. app/web/server.py serve_http waits for `state.idle_or_deadline()` until "
-    "`life.deadline - 0.3` and cancels connections only at `life.deadline - 0.2`, but the "
-    "supervisor SIGKILLs the edge layer at drain_end + 0.6 x reserve (supervisor/policy.py "
-    "ShutdownPlan.kill_at, 2 s before the deadline with the default reserve); a stream blocked "
-    "in `send` on a full socket buffer (app/web/streams.py _relay) never reaches the stream "
-    "cutoff, so the web is SIGKILLed and `agentd serve` exits 1. Fix: bound both waits in "
-    "serve_http by the web's own share (e.g. drain_deadline + 0.5 x reserve, after "
-    "stream_cutoff and before the kill), then cancel the connections nursery."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SLOW_READER_XFAIL)
 async def test_client_that_stopped_reading_does_not_hold_the_shutdown_past_its_budget(
     start_tree,
 ):
