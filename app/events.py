@@ -6,9 +6,10 @@ ids (``<ms>-<seq>``) are the SSE event ids: they sort in event order, so a clien
 with ``Last-Event-ID`` by reading after it (API.md, Resume).
 
 The hot path is batched at both ends (notes/stack.md): `EventWriter` buffers appends and
-flushes them in one pipeline every few milliseconds (an ``end`` flushes at once), and
+flushes them in one call every few milliseconds (an ``end`` flushes at once), and
 `EventHub` runs one reader task per web process that multiplexes every open stream over a
-single multi-key XREAD.
+single multi-key XREAD. Neither gives up when Redis goes away: the writer keeps what it
+could not write and retries, the hub reads again from where each stream was.
 """
 
 from __future__ import annotations
@@ -20,15 +21,25 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
+from coredis.exceptions import RedisError
+
+from app.redis import RedisUnavailable, mapped_errors
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from app.redis import RedisClient
 
 log = structlog.get_logger("events")
 
 FLUSH_INTERVAL = 0.05
+#: Events written in one call at most (after an outage the buffer can be long).
+MAX_BATCH = 10_000
+#: Events buffered while Redis is away before the writer asks for the producers to stop:
+#: at ~250 bytes each, ~25 MB; 10 s of 10,000 tokens/s.
+MAX_BUFFERED = 100_000
+#: Backoff between attempts to write while Redis is away.
+RETRY_MIN, RETRY_MAX = 0.05, 1.0
 BLOCK_MS = 100
 TERMINAL = "end"
 CONTROL_STREAM = "agentd:control"
@@ -83,20 +94,57 @@ def encode(event_type: str, run_id: str, **data: Any) -> str:
     return json.dumps({"type": event_type, "run_id": run_id, **data}, separators=(",", ":"))
 
 
-class EventWriter:
-    """Batched XADDs. `append` never waits for Redis; `flush` writes what is buffered.
+class _Waiter:
+    """An `append_now` caller: where its events sit in the writer's sequence, their ids once
+    written."""
 
-    A background task (`serve`) flushes every `FLUSH_INTERVAL`. `append_now` writes at once
-    and returns the event id, for events whose durability a caller waits on (``end``).
+    __slots__ = ("first", "ids")
+
+    def __init__(self, first: int, count: int) -> None:
+        self.first = first
+        self.ids = [""] * count
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.ids)
+
+
+class EventWriter:
+    """Batched XADDs. `append` never waits for Redis; a background task (`serve`) writes what
+    is buffered every `FLUSH_INTERVAL`, in one call.
+
+    `append_now` / `append_now_many` write at once and return the ids, for events whose
+    durability a caller waits on (``end``). Callers that wait together share one write.
+
+    While Redis is away nothing is dropped: a batch that could not be written goes back to
+    the front of the buffer, in order, and is retried with backoff (one log line when the
+    outage begins, one when it ends). A caller of `append_now` bounds its wait with its own
+    deadline; its events stay buffered and go out when Redis is back. The buffer is bounded
+    by `max_buffered`: past it, each failed write calls `on_backlog`, whose owner stops the
+    producers (the agent ends its runs), since tokens can be neither dropped nor kept forever.
     """
 
-    def __init__(self, redis: RedisClient, ttl: float) -> None:
+    def __init__(self, redis: RedisClient, ttl: float, *,
+                 max_buffered: int = MAX_BUFFERED) -> None:
         self._redis = redis
         self._ttl = max(1, math.ceil(ttl))
         self._buffer: list[tuple[str, str, str]] = []
+        #: Events are numbered in the order they were appended (a waiter knows its own by
+        #: number): `_written` were written, the next `_in_flight` are being written, then
+        #: come those in `_buffer`.
+        self._written = 0
+        self._in_flight = 0
+        self._expire: set[str] = set()
+        self._waiters: list[_Waiter] = []
         self._wake = trio.Event()
         self._lock = trio.Lock()
         self._append = redis.register_script(APPEND_SCRIPT)
+        self.max_buffered = max_buffered
+        self.on_backlog: Callable[[], None] | None = None
+        #: trio times: since when writes have failed (None: they do not), and since when
+        #: they have succeeded again.
+        self.down_since: float | None = None
+        self.up_since = -math.inf
 
     def append(self, run_id: str, event_type: str, data_json: str) -> None:
         self._buffer.append((run_id, event_type, data_json))
@@ -105,29 +153,111 @@ class EventWriter:
     async def append_now(self, run_id: str, event_type: str, data_json: str,
                          *, expire: bool = False) -> str:
         """Write every buffered event, then this one; return its id."""
-        # Buffer it only once we hold the lock: appended earlier, a flush already under way
-        # (another run's `end`, or the background flush) could take it, leaving our own
-        # flush an empty batch and no id to return.
-        async with self._lock:
-            self._buffer.append((run_id, event_type, data_json))
-            ids = await self._flush_locked(expire_runs={run_id} if expire else set())
-        return ids[-1]
+        return (await self.append_now_many([(run_id, event_type, data_json)], expire=expire))[0]
 
-    async def flush(self, expire_runs: set[str] | None = None) -> list[str]:
-        async with self._lock:
-            return await self._flush_locked(expire_runs)
+    async def append_now_many(self, events: Sequence[tuple[str, str, str]], *,
+                              expire: bool = False) -> list[str]:
+        """Write every buffered event, then these (``(run_id, type, data_json)``), in one
+        call when they fit in one; return their ids. ``expire``: their runs' streams get
+        the TTL (they have ended). Waits (with backoff) while Redis is away: bound it."""
+        waiter = _Waiter(self._appended(), len(events))
+        self._buffer.extend(events)
+        self._wake.set()  # should we give up waiting, the background flush takes over
+        if expire:
+            self._expire.update(run_id for run_id, _, _ in events)
+        self._waiters.append(waiter)
+        try:
+            await self._write_through(waiter.end)
+        finally:
+            if waiter in self._waiters:  # cancelled: its events stay buffered
+                self._waiters.remove(waiter)
+        return waiter.ids
 
-    async def _flush_locked(self, expire_runs: set[str] | None) -> list[str]:
-        batch, self._buffer = self._buffer, []
-        if not batch:
-            return []
+    async def flush(self) -> bool:
+        """One attempt to write what is buffered; False when Redis failed (it stays buffered)."""
+        async with self._lock:
+            return await self._flush_locked()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def _appended(self) -> int:
+        return self._written + self._in_flight + len(self._buffer)
+
+    async def _write_through(self, position: int) -> None:
+        """Until every event numbered below ``position`` is written, retrying with backoff."""
+        delay = RETRY_MIN
+        while self._written < position:
+            async with self._lock:
+                if self._written >= position or await self._flush_locked():
+                    continue
+            await trio.sleep(delay)
+            delay = min(2 * delay, RETRY_MAX)
+
+    async def _flush_locked(self) -> bool:
+        """Write the buffer, oldest first; on a Redis failure keep the unwritten rest, at the
+        front and in order, and return False."""
+        while self._buffer:
+            if len(self._buffer) <= MAX_BATCH:
+                batch, self._buffer = self._buffer, []
+            else:
+                batch = self._buffer[:MAX_BATCH]
+                del self._buffer[:MAX_BATCH]
+            expire: set[str] = set()
+            if not self._buffer:  # the streams to expire go with the last batch: after `end`
+                expire, self._expire = self._expire, set()
+            self._in_flight = len(batch)
+            try:
+                ids = await self._write(batch, expire)
+            except BaseException as e:
+                self._in_flight = 0
+                # Back to the front: what was appended meanwhile stays after it. (A reply lost
+                # after Redis ran the script would make these events appear twice; nothing
+                # tells the two cases apart, and a gap would be no better.)
+                self._buffer[:0] = batch
+                self._expire |= expire
+                if isinstance(e, (RedisUnavailable, RedisError)):
+                    self._failed(e)
+                    return False
+                raise
+            self._hand_out(batch, ids)
+        if self.down_since is not None:
+            log.info("event_append_recovered",
+                     down_s=round(trio.current_time() - self.down_since, 3))
+            self.down_since = None
+            self.up_since = trio.current_time()
+        return True
+
+    async def _write(self, batch: list[tuple[str, str, str]], expire: set[str]) -> list[str]:
         keys = [stream_key(run_id) for run_id, _, _ in batch]
-        keys += [stream_key(run_id) for run_id in expire_runs or ()]
+        keys += [stream_key(run_id) for run_id in expire]
         args: list[str] = [str(len(batch)), str(self._ttl)]
         for _, t, d in batch:
             args += (t, d)
-        ids: Any = await self._append(keys=keys, args=args)
+        with mapped_errors():
+            ids: Any = await self._append(keys=keys, args=args)
         return [_decode(i) for i in ids]
+
+    def _hand_out(self, batch: list[tuple[str, str, str]], ids: list[str]) -> None:
+        """A batch is written: give waiters the ids of their events in it."""
+        first = self._written
+        self._written += len(batch)
+        self._in_flight = 0
+        if not self._waiters:
+            return
+        for w in self._waiters:
+            for n in range(max(w.first, first), min(w.end, self._written)):
+                w.ids[n - w.first] = ids[n - first]
+        self._waiters = [w for w in self._waiters if w.end > self._written]
+
+    def _failed(self, error: Exception) -> None:
+        if self.down_since is None:
+            self.down_since = trio.current_time()
+            log.warning("event_append_failed", error=str(error), buffered=len(self._buffer),
+                        detail="events are kept and written once Redis is back")
+        if len(self._buffer) >= self.max_buffered and self.on_backlog is not None:
+            self.on_backlog()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -137,18 +267,21 @@ class EventWriter:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 await trio.sleep(FLUSH_INTERVAL)
-                await self.flush()
+                await self._write_through(self._appended())
         finally:
             # Whatever is still buffered is part of a stream a client reads: write it.
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
-                await self.flush()
+                await self._write_through(self._appended())
 
 
 async def read_after(redis: RedisClient, run_id: str, after: str | None,
                      count: int = 1000) -> list[Event]:
-    """Events of a run after ``after`` (exclusive), or from the start."""
+    """Events of a run after ``after`` (exclusive), or from the start; `RedisUnavailable`
+    when Redis cannot be reached."""
     start = "-" if not after else f"({after}"
-    return to_events(await redis.xrange(stream_key(run_id), start, "+", count=count))
+    with mapped_errors():
+        entries = await redis.xrange(stream_key(run_id), start, "+", count=count)
+    return to_events(entries)
 
 
 class Subscription:
