@@ -16,10 +16,13 @@ import trio
 
 from app import metrics
 from app.agent.llm import LLMError, LLMStalled, Turn
+from app.db.runs import STORED
 from app.events import EventWriter, encode
 
 if TYPE_CHECKING:
     from app.agent.tools import ToolRegistry
+    from app.db.runs import Outcome
+    from app.events import Event
 
 log = structlog.get_logger("run")
 
@@ -175,3 +178,43 @@ async def _run_tools(state: RunState, deps: RunDeps, turn: Turn,
 
 
 Stalled = _Stalled
+
+
+# How a run ends (worker.py stores it) ---------------------------------------------------
+
+
+def end_event(outcome: Outcome) -> str:
+    """The run's `end` event (API.md, Run events), naming the message it is stored as."""
+    run_id = outcome.run["run_id"]
+    end: dict[str, Any] = {"reason": outcome.reason, "message_id": outcome.message_id,
+                           "resumable": outcome.reason == "server_shutdown"}
+    if outcome.detail:
+        end["detail"] = outcome.detail
+    if outcome.fallback:
+        end["fallback"] = outcome.fallback
+    return encode("end", run_id, **end)
+
+
+def rebuilt(run: dict[str, Any], events: list[Event]) -> RunState:
+    """A run's state as its stream tells it (for a run whose agent is gone)."""
+    state = RunState(run)
+    for e in events:
+        data = e.payload()
+        if e.type == "token":
+            state.content.append(data["content"])
+        elif e.type == "tool_call":
+            state.tool_calls.append({k: data[k] for k in ("call_id", "name", "arguments")})
+        elif e.type == "tool_result":
+            state.tool_results.append({k: v for k, v in data.items()
+                                       if k not in ("type", "run_id")})
+    return state
+
+
+def record(model: str, state: RunState, reason: str) -> None:
+    """A run reached a final status: count it."""
+    metrics.runs.labels(STORED[reason][0]).inc()
+    metrics.run_ends.labels(reason).inc()
+    metrics.run_duration.observe(time.monotonic() - state.started)
+    metrics.run_iterations.observe(state.iterations)
+    metrics.llm_tokens.labels(model, "in").inc(state.usage["prompt_tokens"])
+    metrics.llm_tokens.labels(model, "out").inc(state.usage["completion_tokens"])

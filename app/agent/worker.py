@@ -9,9 +9,15 @@
         ├── claim loop (until the drain starts)
         └── one task per run, each in its own cancel scope
 
-Drain: stop claiming; running runs may finish until the drain deadline; then each run's
-scope is cancelled with reason `server_shutdown`, and each run persists its partial and
-appends its `end` in a shielded scope with its own short deadline (I3, I9).
+Drain: stop claiming; running runs may finish until the drain deadline; then every run's
+scope is cancelled with reason `server_shutdown`, each hands its state over, and they are
+concluded together in a shielded scope with its own short deadline (I3, I9): one append
+carrying every buffered token and every `end`, then one transaction storing every partial.
+
+How a run ends, always in this order: its `end` is appended (after all its tokens), then
+the run and its message are committed. A run whose `end` could not be appended stays
+`running`; when its lease runs out, a reclaimer ends it from what its stream holds. So a
+final run always has its `end` in Redis, and what is stored never exceeds what was sent.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -32,17 +39,29 @@ from app import metrics
 from app.agent import cache
 from app.agent.cache import cache_key
 from app.agent.llm import LocalProvider, OpenAIProvider
-from app.agent.run import RunDeps, RunState, Stalled, build_messages, execute
+from app.agent.run import (
+    RunDeps,
+    RunState,
+    Stalled,
+    build_messages,
+    end_event,
+    execute,
+    rebuilt,
+    record,
+)
 from app.agent.tools.knowledge import acting_for
 from app.agent.toolset import tools_for
 from app.db import runs as q
 from app.db.migrations import RUNS_CHANNEL
+from app.db.pool import DatabaseError
 from app.embedding.client import EmbeddingClient, default_socket_path
 from app.events import CONTROL_STREAM, EventWriter, encode, read_after
+from app.redis import RedisUnavailable
 
 if TYPE_CHECKING:
     from app.config import Settings
     from app.db.pool import Database
+    from app.events import Event
     from app.lifecycle import Lifecycle
     from app.redis import RedisClient
 
@@ -52,6 +71,13 @@ LEASE_S = 15.0
 RENEW_EVERY = 5.0
 POLL_EVERY = 2.0
 PERSIST_S = 3.0
+#: At the drain deadline: how long the interrupted runs get to stop and hand over their
+#: state, to be concluded together (one that stops later concludes on its own).
+HANDOFF_S = 0.5
+#: How long after a Redis outage the reclaimer waits before reading other agents' streams:
+#: their writers retry at most a second apart (events.RETRY_MAX), so what they kept while
+#: Redis was away is written by then, and a stream is read as it will stay.
+RECLAIM_AFTER_OUTAGE_S = 3.0
 
 
 class Worker:
@@ -64,6 +90,8 @@ class Worker:
         self.idle = trio.Event()
         #: Runs that ended after the drain began, by reason (for the shutdown summary).
         self.ended_during_drain: dict[str, int] = {}
+        #: The runs interrupted at the drain deadline, being collected (see `interrupt_all`).
+        self.interrupted: Interrupted | None = None
 
     # The loops -----------------------------------------------------------------------------
 
@@ -130,32 +158,55 @@ class Worker:
             await self.reclaim()
 
     async def reclaim(self) -> None:
-        """Runs whose agent died: restart them if no token went out, else interrupt them."""
-        def take(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
-            return q.expired(conn)
+        """Runs whose agent died (or could not append their `end`): each is leased to us,
+        then restarted if no token went out, else ended from what its stream holds."""
+        writer = self.deps.writer
+        if (writer.down_since is not None
+                or trio.current_time() - writer.up_since < RECLAIM_AFTER_OUTAGE_S
+                or not await writer.flush()):  # our own kept events go out first
+            return
+        for run in await self.db.run(partial(q.take_expired, worker=self.id, lease_s=LEASE_S)):
+            try:
+                events = await read_after(self.redis, run["run_id"], None, count=100_000)
+                await self._recover(run, events)
+            except RedisUnavailable as e:  # its lease (ours now) runs out: tried again then
+                log.warning("run_reclaim_failed", run_id=run["run_id"], error=str(e))
 
-        for run in await self.db.run(take):
-            events = await read_after(self.redis, run["run_id"], None, count=100_000)
-            if any(e.type == "end" for e in events):
-                continue
-            if not any(e.type in ("token", "tool_call") for e in events):
-                await self.db.run(partial(q.requeue, run_id=run["run_id"]))
-                log.info("run_reclaimed", run_id=run["run_id"], action="requeued")
-                continue
-            state = RunState(run)
-            for e in events:
-                data = e.payload()
-                if e.type == "token":
-                    state.content.append(data["content"])
-                elif e.type == "tool_call":
-                    state.tool_calls.append({k: data[k] for k in ("call_id", "name", "arguments")})
-                elif e.type == "tool_result":
-                    state.tool_results.append({k: v for k, v in data.items()
-                                               if k not in ("type", "run_id")})
+    async def _recover(self, run: dict[str, Any], events: list[Event]) -> None:
+        state = rebuilt(run, events)
+        end = next((e for e in events if e.type == "end"), None)
+        if end is not None:
+            # Its agent appended the `end` but could not commit: store what the stream says.
+            data = end.payload()
+            outcome = q.Outcome(run, data["reason"], "".join(state.content), state.tool_calls,
+                                state.tool_results, data.get("detail"), state.iterations,
+                                state.usage, data.get("fallback"),
+                                message_id=data.get("message_id") or str(uuid.uuid4()))
+            await self.db.run(partial(q.finish_many, outcomes=[outcome]))
+            record(self.deps.provider.model, state, outcome.reason)
+            log.info("run_reclaimed", run_id=run["run_id"], action="stored",
+                     reason=outcome.reason)
+        elif not state.content and not state.tool_calls:
+            await self.db.run(partial(q.requeue, run_id=run["run_id"]))
+            log.info("run_reclaimed", run_id=run["run_id"], action="requeued")
+        else:
             state.detail = ("the agent process running this answer stopped unexpectedly; "
                             "the partial answer is saved: ask again to continue")
             await self.conclude(state, "server_shutdown")
             log.info("run_reclaimed", run_id=run["run_id"], action="interrupted")
+
+    def shed_load(self) -> None:
+        """The event writer keeps no more (Redis has been away too long): end every run with
+        `error`; what each streamed so far is kept, and goes out once Redis is back."""
+        shed = 0
+        for run_id, (_, state) in list(self.active.items()):
+            if state.cancel_reason is None:
+                state.detail = ("agentd could not store this answer's events (Redis is "
+                                "unreachable); the answer so far is kept. Please retry.")
+                self.cancel(run_id, "error")
+                shed += 1
+        if shed:
+            log.error("runs_shed", runs=shed, buffered=self.deps.writer.buffered)
 
     def cancel(self, run_id: str, reason: str) -> None:
         found = self.active.get(run_id)
@@ -208,7 +259,9 @@ class Worker:
             reason = "error"
         finally:
             try:
-                await self.conclude(state, reason)
+                interrupted = self.interrupted
+                if interrupted is None or not interrupted.hand_over(state, reason):
+                    await self.conclude(state, reason)
             finally:
                 self.active.pop(run_id, None)
                 if not self.active:
@@ -232,47 +285,69 @@ class Worker:
         return str(row["content"] if isinstance(row, dict) else row[0]) if row else ""
 
     async def conclude(self, state: RunState, reason: str) -> None:
-        """Persist exactly what was streamed, then append `end`: shielded, bounded (I3, I9)."""
-        run_id = state.run_id
+        """Append the run's `end`, then store exactly what was streamed (module docstring)."""
+        outcome = self._outcome(state, reason)
+        stored = await self._persist([outcome])
+        self._ended(state, outcome, stored)
+
+    async def conclude_interrupted(self, states: list[RunState]) -> None:
+        """`conclude` for many runs at once: one append, one transaction."""
+        if not states:
+            return
+        began = trio.current_time()
+        outcomes = [self._outcome(state, "server_shutdown") for state in states]
+        stored = await self._persist(outcomes)
+        for state, outcome in zip(states, outcomes, strict=True):
+            self._ended(state, outcome, stored)
+        log.info("runs_interrupted", runs=len(states), stored=stored,
+                 duration_s=round(trio.current_time() - began, 3))
+
+    def _outcome(self, state: RunState, reason: str) -> q.Outcome:
         if reason == "server_shutdown" and state.detail is None:
             state.detail = ("agentd is shutting down; the answer so far is saved. Read it with "
-                            f"GET /api/runs/{run_id}, or ask again to continue.")
+                            f"GET /api/runs/{state.run_id}, or ask again to continue.")
+        return q.Outcome(state.run, reason, "".join(state.content), state.tool_calls,
+                         state.tool_results, state.detail, state.iterations, state.usage,
+                         state.fallback, state.cached)
+
+    async def _persist(self, outcomes: list[q.Outcome]) -> bool:
+        """Shielded, bounded (I3, I9): the `end`s (with every event buffered before them) in
+        one append, then the runs in one transaction. False when they were not stored: each
+        run stays `running` for the reclaimer, which ends it from its stream."""
         deadline = trio.current_time() + PERSIST_S
         if self.life.draining.is_set():
             deadline = min(deadline, self.life.deadline)  # our layer's kill time, less a margin
-        content = "".join(state.content)
-        with trio.CancelScope(shield=True, deadline=deadline) as persist:
-            message_id = await self.db.run(lambda c: q.finish(
-                c, run=state.run, reason=reason, content=content, tool_calls=state.tool_calls,
-                tool_results=state.tool_results, detail=state.detail,
-                iterations=state.iterations, usage=state.usage, fallback=state.fallback,
-                cached=state.cached))
-            end: dict[str, Any] = {"reason": reason, "message_id": message_id,
-                                   "resumable": reason == "server_shutdown"}
-            if state.detail:
-                end["detail"] = state.detail
-            if state.fallback:
-                end["fallback"] = state.fallback
-            await self.deps.writer.append_now(run_id, "end", encode("end", run_id, **end),
-                                              expire=True)
-        if self.life.draining.is_set():
-            self.ended_during_drain[reason] = self.ended_during_drain.get(reason, 0) + 1
-        if persist.cancelled_caught:
-            log.error("run_persist_timeout", run_id=run_id, reason=reason)
-        elapsed = time.monotonic() - state.started
-        from app.db.runs import STORED
+        ends = [(o.run["run_id"], "end", end_event(o)) for o in outcomes]
+        stage = "end"  # not appended
+        with trio.CancelScope(shield=True, deadline=deadline):
+            await self.deps.writer.append_now_many(ends, expire=True)
+            stage = "store"
+            try:
+                stored = await self.db.run(partial(q.finish_many, outcomes=outcomes))
+            except DatabaseError as e:
+                log.error("run_store_failed", runs=len(outcomes), error=str(e))
+            else:
+                for o in outcomes:
+                    if stored[o.run["run_id"]] != o.message_id:
+                        log.warning("run_already_final", run_id=o.run["run_id"])
+                return True
+        for o in outcomes:
+            log.error("run_persist_timeout", run_id=o.run["run_id"], reason=o.reason,
+                      stage=stage)
+        return False
 
-        metrics.runs.labels(STORED[reason][0]).inc()
-        metrics.run_ends.labels(reason).inc()
-        metrics.run_duration.observe(elapsed)
-        metrics.run_iterations.observe(state.iterations)
-        model = self.deps.provider.model
-        metrics.llm_tokens.labels(model, "in").inc(state.usage["prompt_tokens"])
-        metrics.llm_tokens.labels(model, "out").inc(state.usage["completion_tokens"])
+    def _ended(self, state: RunState, outcome: q.Outcome, stored: bool) -> None:
+        if self.life.draining.is_set():
+            reason = outcome.reason
+            self.ended_during_drain[reason] = self.ended_during_drain.get(reason, 0) + 1
+        if stored:  # else whoever stores it later counts it
+            record(self.deps.provider.model, state, outcome.reason)
+        elapsed = time.monotonic() - state.started
         log.log(30 if elapsed > 10 else 20, "slow_run" if elapsed > 10 else "run_finished",
-                run_id=run_id, reason=reason, iterations=state.iterations,
+                run_id=state.run_id, reason=outcome.reason, iterations=state.iterations,
                 tokens_out=state.usage["completion_tokens"], tokens_in=state.usage["prompt_tokens"],
-                chars=len(content), duration_s=round(elapsed, 3), fallback=state.fallback)
+                chars=len(outcome.content), duration_s=round(elapsed, 3), fallback=state.fallback,
+                stored=stored)
 
     # Drain ---------------------------------------------------------------------------------
 
@@ -283,8 +358,51 @@ class Worker:
             while self.active:
                 self.idle = trio.Event()
                 await self.idle.wait()
+        await self.interrupt_all()
+
+    async def interrupt_all(self) -> None:
+        """Cancel every run still going, and conclude them together.
+
+        Hundreds of runs end here at the same moment; concluded one by one (a transaction
+        and a Redis call each, one after another) most would miss the deadline. So each run
+        only stops and hands its state over (`Interrupted`), then all are concluded at once.
+        """
+        if not self.active:
+            return
+        interrupted = self.interrupted = Interrupted(set(self.active))
         for run_id in list(self.active):
             self.cancel(run_id, "server_shutdown")
+        now = trio.current_time()
+        with trio.move_on_at(min(now + HANDOFF_S, now + 0.2 * (self.life.deadline - now))):
+            await interrupted.all_in.wait()
+        await self.conclude_interrupted(interrupted.close())
+
+
+class Interrupted:
+    """The runs cancelled at the drain deadline, handing their state over as they stop."""
+
+    def __init__(self, run_ids: set[str]) -> None:
+        self.pending = run_ids
+        self.states: list[RunState] = []
+        self.all_in = trio.Event()
+        self.open = True
+
+    def hand_over(self, state: RunState, reason: str) -> bool:
+        """A run has stopped. True when it is to be concluded with the others: it was one of
+        them, it stopped for the shutdown, and the others have not been concluded yet."""
+        ours = state.run_id in self.pending
+        self.pending.discard(state.run_id)
+        if not self.pending:
+            self.all_in.set()
+        if ours and self.open and reason == "server_shutdown":
+            self.states.append(state)
+            return True
+        return False
+
+    def close(self) -> list[RunState]:
+        """No more hand-overs: a run that stops from now on concludes on its own."""
+        self.open = False
+        return self.states
 
 
 async def serve_worker(settings: Settings, life: Lifecycle, db: Database,
@@ -304,6 +422,7 @@ async def serve_worker(settings: Settings, life: Lifecycle, db: Database,
         deps = RunDeps(provider, tools_for(settings, tool_http, embedding), writer,
                        settings.system_prompt, settings.agent_max_iterations)
         worker = Worker(settings, life, db, redis, deps)
+        writer.on_backlog = worker.shed_load
         async with trio.open_nursery() as runs:
             runs.start_soon(worker.serve_listen)
             runs.start_soon(worker.control_loop)

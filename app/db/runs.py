@@ -2,14 +2,15 @@
 
 Each function is one transaction. The web side creates work (`create_run`): the session,
 the user's message and the queued run are committed together before anything is
-acknowledged. The agent side claims (`claim`), keeps its lease (`renew`) and ends a run
-with its assistant message in one commit (`finish`).
+acknowledged. The agent side claims (`claim`), keeps its lease (`renew`), recovers the runs
+of agents that died (`take_expired`) and ends runs with their assistant messages in one
+commit (`finish`, `finish_many`).
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, LiteralString
 
 from psycopg.rows import dict_row
@@ -150,12 +151,17 @@ def renew(conn: psycopg.Connection[Any], *, worker: str, run_ids: list[str], lea
     return [r[0] for r in rows]
 
 
-def expired(conn: psycopg.Connection[Any], limit: int = 100) -> list[dict[str, Any]]:
-    """Running runs whose lease has run out (their agent died); locked for the caller."""
+def take_expired(conn: psycopg.Connection[Any], *, worker: str, lease_s: float,
+                 limit: int = 100) -> list[dict[str, Any]]:
+    """Running runs whose lease has run out (their agent died), leased to ``worker`` now:
+    two agents looking at once never both recover one, and a recovery that fails half-way
+    (Redis away) is tried again when this lease runs out in turn."""
     cur = conn.cursor(row_factory=dict_row)
     return cur.execute(
-        f"SELECT {RUN_COLUMNS} FROM runs WHERE status = 'running' AND lease_expires_at < now()"
-        " ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED", (limit,)).fetchall()
+        "UPDATE runs SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s)"
+        " WHERE id IN (SELECT id FROM runs WHERE status = 'running' AND lease_expires_at < now()"
+        "   ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+        f" RETURNING {RUN_COLUMNS}", (worker, lease_s, limit)).fetchall()
 
 
 def requeue(conn: psycopg.Connection[Any], run_id: str) -> None:
@@ -164,39 +170,100 @@ def requeue(conn: psycopg.Connection[Any], run_id: str) -> None:
         " updated_at = now() WHERE id = %s", (uuid.UUID(run_id),))
 
 
+def run_status(conn: psycopg.Connection[Any], run_id: str) -> dict[str, Any] | None:
+    """What an `end` says about a run: status, reason, detail, fallback, message_id."""
+    cur = conn.cursor(row_factory=dict_row)
+    return cur.execute(
+        "SELECT status, reason, detail, fallback, assistant_message_id::text AS message_id"
+        " FROM runs WHERE id = %s", (_uuid(run_id),)).fetchone()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one run ended, as `finish_many` stores it. ``message_id`` is chosen before the
+    run's `end` is appended (the `end` names it), so before anything is committed."""
+
+    run: dict[str, Any]
+    reason: str
+    content: str
+    tool_calls: list[dict[str, Any]]
+    tool_results: list[dict[str, Any]]
+    detail: str | None
+    iterations: int
+    usage: dict[str, int]
+    fallback: str | None = None
+    cached: bool = False
+    error: str | None = None
+    message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
 def finish(
     conn: psycopg.Connection[Any], *, run: dict[str, Any], reason: str, content: str,
     tool_calls: list[dict[str, Any]], tool_results: list[dict[str, Any]], detail: str | None,
     iterations: int, usage: dict[str, int], fallback: str | None, cached: bool = False,
-    error: str | None = None,
+    error: str | None = None, message_id: str | None = None,
 ) -> str:
-    """Store the assistant message (exactly what was streamed) and end the run, together.
+    """Store the assistant message (exactly what was streamed) and end the run, together;
+    see `finish_many`. Returns the assistant message id."""
+    outcome = Outcome(run, reason, content, tool_calls, tool_results, detail, iterations, usage,
+                      fallback, cached, error, message_id or str(uuid.uuid4()))
+    return finish_many(conn, [outcome])[outcome.run["run_id"]]
+
+
+_INSERT_MESSAGES: LiteralString = (
+    "INSERT INTO messages (id, session_id, owner, role, content, status, tool_calls,"
+    " tool_results, run_id)"
+    " SELECT m.id, m.session_id, m.owner, 'assistant', m.content, m.status, m.tool_calls,"
+    "   m.tool_results, m.run_id"
+    " FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::jsonb[],"
+    "   %s::jsonb[], %s::uuid[]) WITH ORDINALITY"
+    "   AS m(id, session_id, owner, content, status, tool_calls, tool_results, run_id, n)"
+    " ORDER BY m.n"
+)
+_END_RUNS: LiteralString = (
+    "UPDATE runs SET status = d.status, reason = d.reason, detail = d.detail,"
+    " output = d.content, iterations = d.iterations, usage = d.usage, fallback = d.fallback,"
+    " cached = d.cached, error = d.error, assistant_message_id = d.mid, lease_owner = NULL,"
+    " lease_expires_at = NULL, finished_at = now(), updated_at = now()"
+    " FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[],"
+    "   %s::jsonb[], %s::text[], %s::bool[], %s::text[], %s::uuid[])"
+    "   AS d(id, status, reason, detail, content, iterations, usage, fallback, cached, error,"
+    "   mid)"
+    " WHERE runs.id = d.id"
+)
+
+
+def finish_many(conn: psycopg.Connection[Any], outcomes: list[Outcome]) -> dict[str, str]:
+    """Store each run's assistant message and end each run: one transaction, three
+    statements whatever the number of runs (the drain ends hundreds at once).
 
     Idempotent: a run that already reached a final status keeps it (a reclaimer racing
-    with a slow agent cannot end a run twice); returns the assistant message id either way.
+    with a slow agent cannot end a run twice). Returns run id → the assistant message id
+    stored for it (for such a run, the one stored first).
     """
-    run_status, message_status = STORED[reason]
-    rid = uuid.UUID(run["run_id"])
-    row = conn.execute("SELECT status, assistant_message_id::text FROM runs WHERE id = %s"
-                       " FOR UPDATE", (rid,)).fetchone()
-    if row is None:
-        raise NotFoundError(run["run_id"])
-    if row[0] in FINAL and row[1] is not None:
-        return str(row[1])
-    mid = uuid.uuid4()
-    conn.execute(
-        "INSERT INTO messages (id, session_id, owner, role, content, status, tool_calls,"
-        " tool_results, run_id) VALUES (%s, %s, %s, 'assistant', %s, %s, %s, %s, %s)",
-        (mid, uuid.UUID(run["session_id"]), run["owner"], content, message_status,
-         Jsonb(tool_calls), Jsonb(tool_results), rid))
-    conn.execute(
-        "UPDATE runs SET status = %s, reason = %s, detail = %s, output = %s, iterations = %s,"
-        " usage = %s, fallback = %s, cached = %s, error = %s, assistant_message_id = %s,"
-        " lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()"
-        " WHERE id = %s",
-        (run_status, reason, detail, content, iterations, Jsonb(usage), fallback, cached, error,
-         mid, rid))
-    return str(mid)
+    ids = [uuid.UUID(o.run["run_id"]) for o in outcomes]
+    rows = conn.execute(
+        "SELECT id::text, status, assistant_message_id::text FROM runs WHERE id = ANY(%s)"
+        " ORDER BY id FOR UPDATE", (ids,)).fetchall()
+    found = {row[0]: row for row in rows}
+    missing = [o.run["run_id"] for o in outcomes if o.run["run_id"] not in found]
+    if missing:
+        raise NotFoundError(missing[0])
+    stored = {rid: str(mid) for rid, status, mid in rows if status in FINAL and mid is not None}
+    todo = [o for o in outcomes if o.run["run_id"] not in stored]
+    if todo:
+        rids = [uuid.UUID(o.run["run_id"]) for o in todo]
+        mids = [uuid.UUID(o.message_id) for o in todo]
+        conn.execute(_INSERT_MESSAGES, (
+            mids, [uuid.UUID(o.run["session_id"]) for o in todo], [o.run["owner"] for o in todo],
+            [o.content for o in todo], [STORED[o.reason][1] for o in todo],
+            [Jsonb(o.tool_calls) for o in todo], [Jsonb(o.tool_results) for o in todo], rids))
+        conn.execute(_END_RUNS, (
+            rids, [STORED[o.reason][0] for o in todo], [o.reason for o in todo],
+            [o.detail for o in todo], [o.content for o in todo], [o.iterations for o in todo],
+            [Jsonb(o.usage) for o in todo], [o.fallback for o in todo],
+            [o.cached for o in todo], [o.error for o in todo], mids))
+    return {**stored, **{o.run["run_id"]: o.message_id for o in todo}}
 
 
 def history(conn: psycopg.Connection[Any], session_id: str, before_message: str,
