@@ -23,7 +23,10 @@ import structlog
 import trio
 
 from app import metrics
+from app.db import runs as q
+from app.db.pool import DatabaseError
 from app.events import CONTROL_STREAM, Event, EventHub, id_key, read_after
+from app.redis import RedisUnavailable
 from app.web.server import RawBody
 from app.web.sse import KEEPALIVE, encode_event
 
@@ -189,6 +192,10 @@ async def _relay(state: WebState, hub: EventHub, body: Body, framing: Framing, r
             if life.draining.is_set() and trio.current_time() >= state.stream_cutoff():
                 await _send_own_end(state, body, framing, run_id)
                 return True
+            ending = await _ending_of_final_run(state, framing, run_id, sent)
+            if ending is not None:
+                await body.finish(ending)
+                return True
             await body.write(KEEPALIVE)
     finally:
         sub.close()
@@ -212,6 +219,35 @@ async def _send_events(state: WebState, body: Body, framing: Framing, events: li
             return True
     await body.write(b"".join(pieces))
     return False
+
+
+async def _ending_of_final_run(state: WebState, framing: Framing, run_id: str, sent: str
+                               ) -> bytes | None:
+    """For a stream idle for a keep-alive: the bytes that end it if its run is final in
+    PostgreSQL although no `end` came (Redis lost it, or was away when the run ended): what
+    Redis holds after ``sent`` up to its `end`, if it turns up, else an `end` made from
+    what is stored. None while the run goes on, or when that cannot be told now."""
+    try:
+        run = await state.db.run(partial(q.run_status, run_id=run_id))
+        if run is None or run["status"] not in q.FINAL:
+            return None
+        rest = await read_after(state.redis, run_id, sent)
+    except (DatabaseError, RedisUnavailable) as e:
+        log.warning("stream_end_check_failed", run_id=run_id, error=str(e))
+        return None
+    pieces = []
+    for event in rest:
+        pieces.append(framing.event(event.id, event.type, event.data))
+        if event.type == "end":
+            state.count_end(str(event.payload().get("reason")))
+            return b"".join(pieces) + framing.close()
+    reason = run["reason"] or "error"
+    end = {"type": "end", "run_id": run_id, "reason": reason, "message_id": run["message_id"],
+           "resumable": reason == "server_shutdown"}
+    end.update({k: run[k] for k in ("detail", "fallback") if run[k]})
+    log.warning("stream_ended_from_database", run_id=run_id, reason=reason)
+    state.count_end(reason)
+    return b"".join(pieces) + framing.event(None, "end", json.dumps(end)) + framing.close()
 
 
 async def _send_own_end(state: WebState, body: Body, framing: Framing, run_id: str) -> None:
