@@ -51,6 +51,7 @@ from app.agent.run import (
 )
 from app.agent.tools.knowledge import acting_for
 from app.agent.toolset import tools_for
+from app.agent.transport import llm_transport
 from app.db import runs as q
 from app.db.migrations import RUNS_CHANNEL
 from app.db.pool import DatabaseError
@@ -411,7 +412,7 @@ async def serve_worker(settings: Settings, life: Lifecycle, db: Database,
     limits = httpx.Limits(max_connections=settings.llm_max_connections,
                           max_keepalive_connections=settings.llm_max_connections)
     async with (
-        httpx.AsyncClient(limits=limits) as http,
+        httpx.AsyncClient(limits=limits, transport=llm_transport(limits)) as http,
         plain_httpx.AsyncClient() as tool_http,
         EmbeddingClient(default_socket_path(settings)) as embedding,
         trio.open_nursery() as outer,
