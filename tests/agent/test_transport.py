@@ -385,6 +385,17 @@ async def test_an_unanswered_request_is_a_read_timeout_and_a_refused_one_a_conne
                 await c.get(f"http://127.0.0.1:{port}/")
 
 
+async def test_a_connect_that_hangs_is_a_connect_timeout(monkeypatch):
+    async def hang(host, port):
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(trio, "open_tcp_stream", hang)
+    with trio.fail_after(5):
+        async with client() as c:
+            with pytest.raises(httpx.ConnectTimeout):
+                await c.get("http://127.0.0.1:9/", timeout=httpx.Timeout(5, connect=0.1))
+
+
 async def test_https_through_trio_ssl_keeps_its_connection(tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("no openssl to make a certificate with")
