@@ -187,12 +187,13 @@ class ChunkedDecoder(Decoder):
                 pos += len(got)
                 self._crlf = self._crlf[len(got):]
             else:
-                pos = self._line_at(data, pos)
+                pos = self._line_at(data, pos, out)
         self.extra = self.extra or pos < end
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _line_at(self, data: bytes, pos: int) -> int:
-        """Consume a size line or trailer line starting at `pos`; return where it ended."""
+    def _line_at(self, data: bytes, pos: int, out: list[bytes]) -> int:
+        """Consume a size line or trailer line at `pos` (and the chunk after it, when all of it
+        is here: the usual case, one chunk per read); return where that ended."""
         newline = data.find(b"\n", pos)
         if newline < 0:
             self._line += data[pos:]
@@ -208,7 +209,12 @@ class ChunkedDecoder(Decoder):
             raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}")
         self.left = int(size, 16)
         self._trailers = not self.left
-        return newline + 1
+        start, stop = newline + 1, newline + 1 + self.left
+        if self.left and data[stop:stop + 2] == b"\r\n":
+            out.append(data[start:stop])
+            self.left = 0
+            return stop + 2
+        return start
 
 
 def decoder_for(head: Head) -> Decoder:
