@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from tests.chaos.conftest import all_pids, gone_within, role_procs, summary
-from tests.e2e.conftest import Ev, StreamResult, eventually, nonce, read_stream, tokens_at_least
+from tests.e2e.conftest import LiveChat, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -29,21 +29,14 @@ async def test_crash_loop_exceeds_the_restart_intensity_and_the_tree_stops_non_z
     with summary("crash_loop") as tally:
         tree = start_tree(AGENTD_SHUTDOWN_TIMEOUT=str(TIMEOUT))
         pids = all_pids(tree)
-        seen: list[Ev] = []
-        results: list[StreamResult] = []
         killed: list[int] = []
         async with httpx.AsyncClient(base_url=tree.base_url, timeout=30) as client:
-
-            async def chat() -> None:
-                results.append(await read_stream(
-                    client, "POST", "/api/chat/stream",
-                    json={"message": f"{nonce()} [[script tokens=4000 rate=5]]"},
-                    on_event=lambda events: seen.__setitem__(slice(None), events)))
+            chat = LiveChat(client, "tokens=4000 rate=5")
 
             with trio.fail_after(120):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(chat)
-                    await eventually(lambda: tokens_at_least(2)(seen), 15)
+                    nursery.start_soon(chat.read)
+                    await eventually(lambda: chat.tokens() >= 2, 15)
                     began = time.monotonic()
                     # Kill each agent as soon as it appears, until the supervisor gives up.
                     while tree.alive() and not tree.events("restart_intensity_exceeded"):
@@ -68,7 +61,8 @@ async def test_crash_loop_exceeds_the_restart_intensity_and_the_tree_stops_non_z
                     tally.extra.update(exit=status, stop_s=round(took, 1))
         left = await gone_within(pids, 2)
         summary_event = tree.events("shutdown_complete")[-1]
-        [result] = results
+        result = chat.result
+        assert result is not None
         tally.count_stream("chat", result)
         tally.extra["killed_at_stop"] = summary_event["killed"]
 

@@ -29,6 +29,7 @@ from tests.chaos.conftest import (
 from tests.e2e.conftest import (
     FINAL,
     Ev,
+    LiveChat,
     StreamResult,
     assistant_message,
     eventually,
@@ -269,28 +270,21 @@ async def test_client_that_stopped_reading_does_not_hold_the_shutdown_past_its_b
 ):
     with summary("sigterm_slow_reader") as tally:
         tree = start_tree(AGENTD_SHUTDOWN_TIMEOUT=str(TIMEOUT))
-        seen: list[Ev] = []
-        results: list[StreamResult] = []
         async with httpx.AsyncClient(base_url=tree.base_url, timeout=60) as client:
-
-            async def chat() -> None:
-                results.append(await read_stream(
-                    client, "POST", "/api/chat/stream",
-                    json={"message": f"{nonce()} [[script tokens=400 rate=5]]"},
-                    on_event=lambda events: seen.__setitem__(slice(None), events)))
-
+            chat = LiveChat(client, "tokens=400 rate=5")
             with trio.fail_after(TIMEOUT + 40):
                 # Its run completes at once; the web's writes to it block on a full buffer.
                 stalled = await open_stalled(tree.port, {
                     "message": f"{nonce()} [[script tokens=3000]]"})
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(chat)
-                    await eventually(lambda: any(e.type == "token" for e in seen), 15)
+                    nursery.start_soon(chat.read)
+                    await eventually(lambda: chat.tokens() >= 1, 15)
                     await trio.sleep(1)
                     tree.sigterm()
                     status, took = await tree.wait_exit(TIMEOUT + 5)
             stalled.close()
-        [result] = results
+        result = chat.result
+        assert result is not None
         tally.count_stream("reading", result)
         tally.streams["stalled"] += 1
         event = tree.events("shutdown_complete")[-1]

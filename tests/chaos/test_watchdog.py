@@ -28,14 +28,11 @@ import trio
 
 from tests.chaos.conftest import role_procs, summary
 from tests.e2e.conftest import (
-    Ev,
-    StreamResult,
+    LiveChat,
     assistant_message,
     eventually,
-    nonce,
     read_stream,
     run_final,
-    tokens_at_least,
 )
 from tests.support.scripted_llm import token_text
 
@@ -108,20 +105,13 @@ async def test_blocked_event_loop_is_dumped_killed_and_replaced_and_the_run_reco
         tree = start_tree(AGENTD_WATCHDOG_INTERVAL=str(WATCHDOG_S), AGENTD_WEB_WORKERS="2",
                           AGENTD_SHUTDOWN_TIMEOUT="10")
         [agent] = role_procs(tree, "agent")
-        seen: list[Ev] = []
-        results: list[StreamResult] = []
         async with httpx.AsyncClient(base_url=tree.base_url, timeout=60) as client:
-
-            async def chat() -> None:
-                results.append(await read_stream(
-                    client, "POST", "/api/chat/stream",
-                    json={"message": f"{nonce()} [[script tokens=400 rate=10]]"},
-                    on_event=lambda events: seen.__setitem__(slice(None), events)))
+            chat = LiveChat(client, "tokens=400 rate=10")
 
             with trio.fail_after(RECOVERY_S + 60):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(chat)
-                    await eventually(lambda: tokens_at_least(5)(seen), 15)
+                    nursery.start_soon(chat.read)
+                    await eventually(lambda: chat.tokens() >= 5, 15)
                     blocked_at = time.monotonic()
                     tally.extra["how"] = await block_loop(tree, agent.pid)
                     await eventually(lambda: watchdog_fired(tree, agent.pid), 10 + WATCHDOG_S)
@@ -130,7 +120,8 @@ async def test_blocked_event_loop_is_dumped_killed_and_replaced_and_the_run_reco
                     await eventually(lambda: [p for p in role_procs(tree, "agent")
                                               if p.pid != agent.pid], 15)
                     tally.extra["replaced_s"] = round(time.monotonic() - blocked_at, 1)
-            [result] = results
+            result = chat.result
+            assert result is not None
             tally.count_stream("chat", result)
             run = await run_final(client, result.run_id, RECOVERY_S)
             tally.runs[run["status"]] += 1
@@ -159,24 +150,16 @@ async def test_stopped_web_process_is_killed_after_its_watchdog_and_its_streams_
         tree = start_tree(AGENTD_WATCHDOG_INTERVAL=str(WATCHDOG_S), AGENTD_WEB_WORKERS="2",
                           AGENTD_SHUTDOWN_TIMEOUT="10")
         webs = role_procs(tree, "web")
-        seen: dict[int, list[Ev]] = {}
-        results: dict[int, StreamResult] = {}
         limits = httpx.Limits(max_connections=20, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=tree.base_url, timeout=30, limits=limits) as client:
-
-            async def chat(i: int) -> None:
-                results[i] = await read_stream(
-                    client, "POST", "/api/chat/stream",
-                    json={"message": f"{nonce()} [[script tokens=120 rate=10]]",
-                          "on_disconnect": "continue"},
-                    on_event=lambda events: seen.__setitem__(i, events))
+            chats = [LiveChat(client, "tokens=120 rate=10", on_disconnect="continue")
+                     for _ in range(8)]
 
             with trio.fail_after(90):
                 async with trio.open_nursery() as nursery:
-                    for i in range(8):
-                        nursery.start_soon(chat, i)
-                    await eventually(lambda: len(seen) == 8 and all(
-                        tokens_at_least(3)(e) for e in seen.values()), 15)
+                    for chat in chats:
+                        nursery.start_soon(chat.read)
+                    await eventually(lambda: all(chat.tokens() >= 3 for chat in chats), 15)
                     # The web that carries the most streams (both accept on the listener).
                     victim = max(webs, key=lambda p: streams_on(p, tree.port))
                     tally.extra["victim_streams"] = streams_on(victim, tree.port)
@@ -187,10 +170,9 @@ async def test_stopped_web_process_is_killed_after_its_watchdog_and_its_streams_
                     await eventually(lambda: exit_of(tree, victim.pid), 15)
                     tally.extra["replaced_s"] = round(time.monotonic() - stopped_at, 1)
                     # Its connections die with it: those clients are cut, the others go on.
-            assert len(results) == 8
             ends: list[str] = []
-            for i, events in sorted(seen.items()):
-                done = results.get(i)
+            for i, chat in enumerate(chats):
+                events, done = chat.seen, chat.result
                 if done is not None and done.ends:
                     ends.append(done.ends[-1].data["reason"])
                     assert done.clean and done.tokens == token_text(120), i
@@ -206,7 +188,7 @@ async def test_stopped_web_process_is_killed_after_its_watchdog_and_its_streams_
                 assert rest.clean and [e.type for e in rest.events].count("end") == 1
                 assert tokens == token_text(120), i
             tally.ends.update(ends)
-            tally.streams["chat"] = len(seen)
+            tally.streams["chat"] = len(chats)
         assert exit_of(tree, victim.pid) in ("watchdog", "killed by SIGKILL"), exit_of(
             tree, victim.pid)
         assert len(role_procs(tree, "web")) == 2

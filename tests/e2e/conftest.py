@@ -385,6 +385,29 @@ async def read_stream(
     return result
 
 
+class LiveChat:
+    """A chat streamed in the background: start `read` in a nursery; `seen` holds its events
+    so far, `result` its StreamResult once the stream is over."""
+
+    def __init__(self, client: httpx.AsyncClient, script: str, *,
+                 path: str = "/api/chat/stream", **body: Any) -> None:
+        self.client = client
+        self.path = path
+        self.body = {"message": f"{nonce()} [[script {script}]]", **body}
+        self.seen: list[Ev] = []
+        self.result: StreamResult | None = None
+
+    async def read(self) -> None:
+        self.result = await read_stream(self.client, "POST", self.path, json=self.body,
+                                        on_event=self._update)
+
+    def _update(self, events: list[Ev]) -> None:
+        self.seen = events  # read_stream appends to this same list
+
+    def tokens(self) -> int:
+        return sum(e.type == "token" for e in self.seen)
+
+
 def id_key(event_id: str) -> tuple[int, int]:
     ms, _, seq = event_id.partition("-")
     return int(ms), int(seq or 0)

@@ -12,15 +12,7 @@ import httpx
 import pytest
 import trio
 
-from tests.e2e.conftest import (
-    Ev,
-    StreamResult,
-    assistant_message,
-    eventually,
-    nonce,
-    read_stream,
-    tokens_at_least,
-)
+from tests.e2e.conftest import LiveChat, assistant_message, eventually
 from tests.support.scripted_llm import token_text
 
 pytestmark = pytest.mark.slow
@@ -35,29 +27,22 @@ async def test_agent_killed_mid_run_is_replaced_and_its_run_ends_interrupted_wit
 ):
     # On the shared tree (a start costs ~15 s): it must come back whole, which is the point.
     [agent] = tree.role_pids("agent")
-    seen: list[Ev] = []
-    results: list[StreamResult] = []
     async with httpx.AsyncClient(base_url=tree.base_url, timeout=60) as client:
-
-        async def chat() -> None:
-            results.append(await read_stream(
-                client, "POST", "/api/chat/stream",
-                json={"message": f"{nonce()} [[script tokens=400 rate=10]]"},
-                on_event=lambda events: seen.__setitem__(slice(None), events)))
-
+        chat = LiveChat(client, "tokens=400 rate=10")
         with trio.fail_after(RECOVERY_S + 15):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(chat)
-                await eventually(lambda: tokens_at_least(5)(seen), 10)
+                nursery.start_soon(chat.read)
+                await eventually(lambda: chat.tokens() >= 5, 10)
                 os.kill(agent, signal.SIGKILL)
                 killed_at = time.monotonic()
                 replaced = await eventually(
                     lambda: [p for p in tree.role_pids("agent") if p != agent], 15)
                 with trio.fail_after(RECOVERY_S):
-                    await eventually(lambda: any(e.type == "end" for e in seen), RECOVERY_S,
-                                     interval=0.2)
+                    await eventually(lambda: any(e.type == "end" for e in chat.seen),
+                                     RECOVERY_S, interval=0.2)
                 recovered_after = time.monotonic() - killed_at
-        [result] = results
+        result = chat.result
+        assert result is not None
         types = [e.type for e in result.events]
         assert types.count("end") == 1 and types[-1] == "end", types
         end = result.events[-1].data

@@ -13,14 +13,13 @@ import trio
 
 from tests.e2e.conftest import (
     FINAL,
-    Ev,
+    LiveChat,
     StreamResult,
     assistant_message,
     eventually,
     nonce,
     read_stream,
     run_final,
-    tokens_at_least,
 )
 from tests.support.scripted_llm import token_text
 
@@ -47,26 +46,18 @@ async def test_sigterm_ends_each_of_50_streams_once_and_stores_what_each_client_
     tree = start_tree(AGENTD_SHUTDOWN_TIMEOUT=str(TIMEOUT))
     # 40 streams far from done at SIGTERM (40 s each) and 10 that finish during the drain.
     long_ones = set(range(40))
-    seen: dict[int, list[Ev]] = {}
-    results: dict[int, StreamResult] = {}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=tree.base_url, timeout=30, limits=limits) as client:
-
-        async def chat(i: int) -> None:
-            script = "tokens=400 rate=10" if i in long_ones else "tokens=20 rate=10"
-            results[i] = await read_stream(
-                client, "POST", "/api/chat/stream",
-                json={"message": f"stream {i} {nonce()} [[script {script}]]"},
-                on_event=lambda events: seen.__setitem__(i, events))
-
+        chats = [LiveChat(client, "tokens=400 rate=10" if i in long_ones else "tokens=20 rate=10")
+                 for i in range(50)]
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                for i in range(50):
-                    nursery.start_soon(chat, i)
-                await eventually(lambda: len(seen) == 50 and all(
-                    tokens_at_least(1)(events) for events in seen.values()), 30)
+                for chat in chats:
+                    nursery.start_soon(chat.read)
+                await eventually(lambda: all(chat.tokens() >= 1 for chat in chats), 30)
                 tree.sigterm()
                 status, took = await tree.wait_exit(TIMEOUT + 5)
+    results = {i: chat.result for i, chat in enumerate(chats) if chat.result is not None}
     assert status == 0, tree.text()[-3000:]
     assert took <= TIMEOUT + 1, took
     summary = tree.events("shutdown_complete")[-1]
@@ -102,23 +93,17 @@ async def test_run_queued_at_sigterm_completes_after_restart_and_resumes_by_last
     start_tree,
 ):
     tree = start_tree(AGENTD_SHUTDOWN_TIMEOUT=str(TIMEOUT), AGENTD_MAX_CONCURRENT_RUNS="1")
-    seen: list[Ev] = []
     streams: dict[str, StreamResult] = {}
     async with httpx.AsyncClient(base_url=tree.base_url, timeout=30) as client:
-
-        async def long_chat() -> None:
-            streams["long"] = await read_stream(
-                client, "POST", "/api/chat/stream",
-                json={"message": f"{nonce()} [[script tokens=400 rate=10]]"},
-                on_event=lambda events: seen.__setitem__(slice(None), events))
+        long_chat = LiveChat(client, "tokens=400 rate=10")
 
         async def follow(run_id: str) -> None:
             streams["queued"] = await read_stream(client, "GET", f"/api/runs/{run_id}/events")
 
         with trio.fail_after(40):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(long_chat)
-                await eventually(lambda: tokens_at_least(2)(seen), 10)
+                nursery.start_soon(long_chat.read)
+                await eventually(lambda: long_chat.tokens() >= 2, 10)
                 created = await client.post("/api/runs", json={
                     "message": f"{nonce()} [[script tokens=6 rate=20]]"})
                 assert created.status_code == 202, created.text
@@ -130,6 +115,8 @@ async def test_run_queued_at_sigterm_completes_after_restart_and_resumes_by_last
                 tree.sigterm()
                 status, took = await tree.wait_exit(TIMEOUT + 5)
     assert status == 0 and took <= TIMEOUT + 1, (status, took)
+    assert long_chat.result is not None
+    streams["long"] = long_chat.result
     assert one_end_last(streams["long"])["reason"] == "server_shutdown"
     # A stream whose run is still queued is an open stream too: it is ended, resumably.
     end = one_end_last(streams["queued"])
@@ -185,25 +172,18 @@ async def open_kept(tree, count: int) -> list[httpx.AsyncClient]:
 async def drain_with_one_stream(tree, during_drain) -> tuple[StreamResult, int, float]:
     """Keep one stream open (so the web stays up), SIGTERM, wait 0.6 s, run `during_drain`,
     then wait for the exit."""
-    seen: list[Ev] = []
-    streams: list[StreamResult] = []
     async with httpx.AsyncClient(base_url=tree.base_url, timeout=30) as streaming:
-
-        async def long_chat() -> None:
-            streams.append(await read_stream(
-                streaming, "POST", "/api/chat/stream",
-                json={"message": f"{nonce()} [[script tokens=400 rate=10]]"},
-                on_event=lambda events: seen.__setitem__(slice(None), events)))
-
+        chat = LiveChat(streaming, "tokens=400 rate=10")
         with trio.fail_after(40):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(long_chat)
-                await eventually(lambda: tokens_at_least(2)(seen), 10)
+                nursery.start_soon(chat.read)
+                await eventually(lambda: chat.tokens() >= 2, 10)
                 tree.sigterm()
                 await trio.sleep(0.6)
                 await during_drain()
                 status, took = await tree.wait_exit(30)
-    return streams[0], status, took
+    assert chat.result is not None
+    return chat.result, status, took
 
 
 async def test_draining_answers_503_on_old_connections_and_refuses_new_ones(start_tree):
