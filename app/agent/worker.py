@@ -155,7 +155,8 @@ class Worker:
             kept = await self.db.run(
                 partial(q.renew, worker=self.id, run_ids=held, lease_s=LEASE_S))
             for lost in set(held) - set(kept):
-                log.warning("lease_lost", run_id=lost)
+                if lost in self.active:  # not one that ended meanwhile
+                    log.warning("lease_lost", run_id=lost)
             await self.reclaim()
 
     async def reclaim(self) -> None:
@@ -312,29 +313,52 @@ class Worker:
                          state.fallback, state.cached)
 
     async def _persist(self, outcomes: list[q.Outcome]) -> bool:
-        """Shielded, bounded (I3, I9): the `end`s (with every event buffered before them) in
-        one append, then the runs in one transaction. False when they were not stored: each
-        run stays `running` for the reclaimer, which ends it from its stream."""
-        deadline = trio.current_time() + PERSIST_S
+        """Shielded, bounded (I3, I9): one transaction locks and writes the runs, the `end`s
+        are appended (with every event buffered before them, in one call), then it commits.
+        Appending inside the transaction keeps the rows locked from before the `end` until
+        the commit, so whoever saw an `end` reads the stored outcome (`q.get_run`). False
+        when they were not stored: each run stays `running` for the reclaimer."""
+        now = trio.current_time()
+        deadline = now + PERSIST_S
         if self.life.draining.is_set():
             deadline = min(deadline, self.life.deadline)  # our layer's kill time, less a margin
-        ends = [(o.run["run_id"], "end", end_event(o)) for o in outcomes]
-        stage = "end"  # not appended
+        # `store` runs in a worker thread and `append` back in trio, as a system task
+        # (Database.run abandons its thread on cancel): bounded by its own deadline, a
+        # little earlier than ours, so that the transaction is rolled back, not abandoned.
+        append_by = deadline - min(0.1, 0.2 * max(0.0, deadline - now))
+        stage = ["store"]  # where it stopped, if it does: the rows, the `end`s, the commit
+
+        async def append(ends: list[tuple[str, str, str]]) -> bool:
+            if trio.current_time() >= append_by:  # our caller has given up already
+                return False
+            with trio.move_on_at(append_by):
+                await self.deps.writer.append_now_many(ends, expire=True)
+                return True
+            return False
+
+        def store(conn: psycopg.Connection[Any]) -> dict[str, str]:
+            stored = q.finish_many(conn, outcomes)
+            stage[0] = "end"
+            # A run another agent has ended since (its lease was lost) has its `end` already.
+            ends = [(o.run["run_id"], "end", end_event(o)) for o in outcomes
+                    if stored[o.run["run_id"]] == o.message_id]
+            if ends and not trio.from_thread.run(append, ends):
+                raise EndNotAppended  # rolled back
+            stage[0] = "commit"
+            return stored
+
         with trio.CancelScope(shield=True, deadline=deadline):
-            await self.deps.writer.append_now_many(ends, expire=True)
-            stage = "store"
             try:
-                stored = await self.db.run(partial(q.finish_many, outcomes=outcomes))
+                await self.db.run(store)
+            except EndNotAppended:
+                pass
             except DatabaseError as e:
                 log.error("run_store_failed", runs=len(outcomes), error=str(e))
             else:
-                for o in outcomes:
-                    if stored[o.run["run_id"]] != o.message_id:
-                        log.warning("run_already_final", run_id=o.run["run_id"])
                 return True
         for o in outcomes:
             log.error("run_persist_timeout", run_id=o.run["run_id"], reason=o.reason,
-                      stage=stage)
+                      stage=stage[0])
         return False
 
     def _ended(self, state: RunState, outcome: q.Outcome, stored: bool) -> None:
@@ -377,6 +401,10 @@ class Worker:
         with trio.move_on_at(min(now + HANDOFF_S, now + 0.2 * (self.life.deadline - now))):
             await interrupted.all_in.wait()
         await self.conclude_interrupted(interrupted.close())
+
+
+class EndNotAppended(Exception):
+    """A run's `end` could not be appended in time: its transaction is rolled back."""
 
 
 class Interrupted:

@@ -119,8 +119,14 @@ RUN_COLUMNS = (
 
 
 def get_run(conn: psycopg.Connection[Any], run_id: str, owner: str | None) -> dict[str, Any]:
+    """The run as committed. A running run is read again under a share lock, which waits
+    for an agent that is ending it right now (`finish_many` holds the row from before the
+    run's `end` is appended until its commit): whoever saw the `end` reads the outcome."""
     cur = conn.cursor(row_factory=dict_row)
-    row = cur.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = %s", (_uuid(run_id),)).fetchone()
+    query = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = %s"
+    row = cur.execute(query, (_uuid(run_id),)).fetchone()
+    if row is not None and row["status"] == "running":
+        row = cur.execute(query + " FOR KEY SHARE", (_uuid(run_id),)).fetchone()
     if row is None or (owner is not None and row["owner"] != owner):
         raise NotFoundError(run_id)
     return row
@@ -235,7 +241,9 @@ _END_RUNS: LiteralString = (
 
 def finish_many(conn: psycopg.Connection[Any], outcomes: list[Outcome]) -> dict[str, str]:
     """Store each run's assistant message and end each run: one transaction, three
-    statements whatever the number of runs (the drain ends hundreds at once).
+    statements whatever the number of runs (the drain ends hundreds at once). The runs'
+    rows stay locked until the caller's transaction ends: an agent appends the `end`s
+    before it commits (`get_run` waits for that).
 
     Idempotent: a run that already reached a final status keeps it (a reclaimer racing
     with a slow agent cannot end a run twice). Returns run id → the assistant message id
@@ -282,6 +290,9 @@ def messages(conn: psycopg.Connection[Any], session_id: str, owner: str | None
              ) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
     sid = _owned(conn, "sessions", session_id, owner)
+    # As in `get_run`: wait for the session's runs being ended right now.
+    conn.execute("SELECT 1 FROM runs WHERE session_id = %s AND status = 'running'"
+                 " FOR KEY SHARE", (sid,))
     return cur.execute(
         "SELECT id::text AS message_id, role, content, status, tool_calls, tool_results,"
         " run_id::text, created_at FROM messages WHERE session_id = %s ORDER BY seq",

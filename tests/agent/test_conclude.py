@@ -281,3 +281,32 @@ async def test_a_full_event_buffer_ends_the_runs_with_error(infra, private, monk
         assert worker.deps.writer.buffered < 150
         row = await db.run(partial(q.run_status, run_id=run["run_id"]))
         assert row is not None and row["status"] == "running"  # no `end` yet: reclaimer's
+
+
+async def test_whoever_saw_the_end_reads_the_stored_outcome(infra):
+    """The `end` is appended before the commit: a reader that saw it (/api/chat reads the
+    run once its `end` arrives) must wait for the commit rather than read `running`."""
+    async with agent(infra, infra.redis_url) as (worker, db, redis):
+        [run] = await running_runs(db, 1, worker.id)
+        state = RunState(run)
+        state.content.append("all of it")
+        writer = worker.deps.writer
+        append_now_many = writer.append_now_many
+        seen: list[dict[str, Any]] = []
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+
+                async def read() -> None:
+                    seen.append(await db.run(lambda c: q.get_run(c, state.run_id, None)))
+
+                async def append_then_read(*args: Any, **kw: Any) -> list[str]:
+                    ids = await append_now_many(*args, **kw)
+                    assert (await read_after(redis, state.run_id, None))[-1].type == "end"
+                    nursery.start_soon(read)
+                    await trio.sleep(0.3)  # the reader's query runs before our commit
+                    return ids
+
+                writer.append_now_many = append_then_read  # type: ignore[method-assign]
+                await worker.conclude(state, "completed")
+        [row] = seen
+        assert (row["status"], row["output"]) == ("completed", "all of it")
