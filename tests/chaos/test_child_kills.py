@@ -192,26 +192,7 @@ async def recovered(tree: AgentdTree, role: str) -> None:
             await eventually(searchable, RECOVERY_S, interval=0.5)
 
 
-REDIS_XFAIL = (
-    "bug: SIGKILL of the embedded Redis takes both agents down and leaves every stream in "
-    "flight without an `end`. app/events.py EventWriter._flush_locked drops the batch it took "
-    "(`batch, self._buffer = self._buffer, []`) when the append fails, and EventWriter.serve "
-    "lets the coredis ConnectionError out, which crashes the agent (exit 1; all its runs are "
-    "cancelled and end `error`). Worker.conclude (app/agent/worker.py, q.finish then "
-    "append_now) commits each run as final - with tokens that never reached Redis - before "
-    "its `end` append fails too, so the reclaimer (which only looks at `running` runs) never "
-    "ends it, and its clients wait forever (I2); the stored content is longer than what was "
-    "streamed. Fix: keep the batch and retry the flush with backoff while Redis is away, never "
-    "raise out of EventWriter.serve; append `end` before committing the run final (or leave "
-    "the run to the reclaimer when it cannot be appended); and let the web end a stream whose "
-    "run is final in PostgreSQL but has no `end` in Redis."
-)
-
-
-@pytest.mark.parametrize("role", [
-    *(r for r in COUNTS if r != "redis"),
-    pytest.param("redis", marks=pytest.mark.xfail(strict=True, reason=REDIS_XFAIL)),
-])
+@pytest.mark.parametrize("role", list(COUNTS))
 async def test_sigkill_of_a_child_under_load_is_survived_and_loses_no_run(start_tree, role):
     rng = random.Random(f"{SEED}-{role}")
     with summary(f"sigkill_{role}") as tally:
