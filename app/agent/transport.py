@@ -12,10 +12,11 @@ return None (httpx2's default transport then honours them), and a URL that is ne
 nor https goes to a default transport made for it. It speaks HTTP/1.1 only, over TCP or TLS
 (`trio.SSLStream` with httpx2's default SSL context, ALPN offering only http/1.1).
 
-Timeouts are httpx2's (connect, write, pool, and read for the response head) except one:
-reads of the body have no deadline of their own. A deadline per read is a cancel scope per
-token, and the one consumer of these bodies, app/agent/llm.py, bounds the whole body with a
-single stall scope that each chunk pushes on.
+Timeouts are httpx2's (connect, write, pool, read) except one: reads of a 2xx body have no
+deadline of their own. A deadline per read is a cancel scope per token, and the consumer of
+those bodies, app/agent/llm.py, bounds the whole stream with a single stall scope that its
+chunks push on. The body of an error status, which openai reads whole before it raises, is
+read under the read timeout, like the head.
 
 A connection is reused only after a body read to its exact end; a body closed early (a
 cancelled run, a client that left) closes its connection at once, so the upstream sees the
@@ -429,9 +430,10 @@ class _Body(httpx.AsyncByteStream):
     """A response body as the pieces arrive: no buffering, and no generator of its own."""
 
     def __init__(self, pool: _Pool, conn: Connection, head: Head, first: bytes, *,
-                 keep_alive: bool) -> None:
+                 keep_alive: bool, read_timeout: float | None) -> None:
         self._pool = pool
         self._conn: Connection | None = conn
+        self._timeout = read_timeout
         self._decoder = decoder_for(head)
         self._keep_alive = keep_alive and head.keep_alive
         self._first = self._decoder.feed(first) if first else b""
@@ -447,13 +449,19 @@ class _Body(httpx.AsyncByteStream):
         while not decoder.done:
             if self._conn is None:
                 raise httpx.ReadError("the response was closed before its end")
-            data = await self._conn.receive()
+            data = await (self._conn.receive() if self._timeout is None else self._timed())
             if not data:
                 decoder.eof()  # raises, unless this body ends with the connection
             elif piece := decoder.feed(data):
                 return piece
         self._release()
         raise StopAsyncIteration
+
+    async def _timed(self) -> bytes:
+        assert self._conn is not None
+        with _deadline(self._timeout, httpx.ReadTimeout, "reading the response"):
+            return await self._conn.receive()
+        raise AssertionError("unreachable: _deadline raises when it cancels")
 
     async def aclose(self) -> None:
         conn = self._conn
@@ -501,7 +509,8 @@ class LLMTransport(httpx.AsyncBaseTransport):
             self._pool.release(conn, reusable=False)
             raise
         keep_alive = "close" not in request.headers.get("connection", "").lower()
-        body = _Body(self._pool, conn, head, rest, keep_alive=keep_alive)
+        body = _Body(self._pool, conn, head, rest, keep_alive=keep_alive,
+                     read_timeout=None if head.status < 300 else timeouts.get("read"))
         return httpx.Response(head.status, headers=head.headers, stream=body, extensions={
             "http_version": head.version, "reason_phrase": head.reason})
 

@@ -385,6 +385,25 @@ async def test_an_unanswered_request_is_a_read_timeout_and_a_refused_one_a_conne
                 await c.get(f"http://127.0.0.1:{port}/")
 
 
+async def test_an_error_body_is_read_under_the_read_timeout_and_a_stream_is_not():
+    async def handler(stream, buffer):
+        while (head := await read_request(stream, buffer)) is not None:
+            if head.startswith(b"GET /error"):
+                await stream.send_all(b"HTTP/1.1 500 Oops\r\nContent-Length: 10\r\n\r\nhalf")
+            else:  # a stream whose second chunk comes after more than the read timeout
+                await stream.send_all(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
+                await trio.sleep(0.3)
+                await stream.send_all(chunk(b"data: 2\n\n") + b"0\r\n\r\n")
+
+    with trio.fail_after(5):
+        async with serve(handler) as server, client() as c:
+            quick = httpx.Timeout(5, read=0.1)
+            with pytest.raises(httpx.ReadTimeout):
+                await c.get(server.url + "/error", timeout=quick)
+            assert (await c.get(server.url + "/stream", timeout=quick)).text == (
+                "data: 1\n\ndata: 2\n\n")
+
+
 async def test_a_connect_that_hangs_is_a_connect_timeout(monkeypatch):
     async def hang(host, port):
         await trio.sleep_forever()
