@@ -117,13 +117,14 @@ class RawBody:
     left or the drain is over, and the connection is then closed, never reused.
     """
 
-    __slots__ = ("_connection", "_fd", "_send")
+    __slots__ = ("_connection", "_fd", "_send", "ended")
 
     def __init__(self, connection: Connection, send: Callable[[MutableMapping[str, Any]],
                                                               Awaitable[None]]) -> None:
         self._connection = connection
         self._fd = connection.stream.socket.fileno()
         self._send = send
+        self.ended = False
 
     @staticmethod
     def of(scope: MutableMapping[str, Any], send: Callable[[MutableMapping[str, Any]],
@@ -143,6 +144,7 @@ class RawBody:
     async def finish(self, body: bytes) -> None:
         piece = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
         await self._write(piece + TERMINATOR)
+        self.ended = True
         self._connection.terminator_written = True
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 

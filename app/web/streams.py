@@ -104,10 +104,11 @@ async def request_cancel(state: WebState, run_id: str) -> None:
 class AsgiBody:
     """The body through the ASGI server's `send`: any server, any HTTP version."""
 
-    __slots__ = ("_send",)
+    __slots__ = ("_send", "ended")
 
     def __init__(self, send: Send) -> None:
         self._send = send
+        self.ended = False
 
     async def write(self, body: bytes) -> None:
         if body:
@@ -115,10 +116,16 @@ class AsgiBody:
 
     async def finish(self, body: bytes) -> None:
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
+        self.ended = True
 
 
 class Body(Protocol):
-    """Where a stream's bytes go: `RawBody` (web/server.py) when it can, else `AsgiBody`."""
+    """Where a stream's bytes go: `RawBody` (web/server.py) when it can, else `AsgiBody`.
+
+    `ended` turns true once the last write is out: the server then reports the request as
+    over (`http.disconnect`), which must not pass for a client that left early."""
+
+    ended: bool
 
     async def write(self, body: bytes) -> None: ...
 
@@ -136,13 +143,12 @@ async def stream(state: WebState, scope: MutableMapping[str, Any], receive: Rece
     await body.write(framing.start(run_id, session_id, status))
     state.open_streams += 1
     metrics.open_streams.inc()
-    ended = False
     left = False
     try:
-        left, ended_or_none = await unless_client_leaves(
+        left, _ = await unless_client_leaves(
             receive, partial(_relay, state, hub, body, framing, run_id, last_id))
-        ended = bool(ended_or_none)
     finally:
+        ended = body.ended
         state.open_streams -= 1
         metrics.open_streams.dec()
         if left and not ended:
@@ -214,8 +220,8 @@ async def _send_events(state: WebState, body: Body, framing: Framing, events: li
             # The `end` and the chunked terminator in one write: a stream is never left
             # with its `end` but without a clean end of body (a process killed between two
             # writes). Nothing is stored after an `end`.
-            await body.finish(b"".join(pieces))
             state.count_end(str(event.payload().get("reason")))
+            await body.finish(b"".join(pieces))
             return True
     await body.write(b"".join(pieces))
     return False
