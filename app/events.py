@@ -94,6 +94,13 @@ def encode(event_type: str, run_id: str, **data: Any) -> str:
     return json.dumps({"type": event_type, "run_id": run_id, **data}, separators=(",", ":"))
 
 
+def encode_token(run_id: str, content: str) -> str:
+    """``encode("token", run_id, content=content)``, the same bytes, a third of the CPU: the
+    hot path's one event. (`json.dumps` with `separators` builds an encoder per call; a bare
+    string takes the C fast path.)"""
+    return f'{{"type":"token","run_id":{json.dumps(run_id)},"content":{json.dumps(content)}}}'
+
+
 class _Waiter:
     """An `append_now` caller: where its events sit in the writer's sequence, their ids once
     written."""

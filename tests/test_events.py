@@ -10,7 +10,7 @@ import pytest
 import structlog
 import trio
 
-from app.events import EventWriter, encode, read_after
+from app.events import EventWriter, encode, encode_token, read_after
 from app.redis import open_redis
 from tests.support.redis_server import RedisServer, private_redis
 
@@ -134,3 +134,10 @@ async def test_a_full_buffer_asks_the_producers_to_stop(server, redis):
             writer.append(*token("r3", 49))
             await asked.wait()
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("content", ["hello", " wörld \"q\" \\ \n\t\u2028", "", "x" * 5000,
+                                     "\U0001f600 emoji", "\x00\x1f control"])
+def test_the_token_fast_path_writes_the_same_bytes_as_encode(content):
+    run_id = "8a1f5b9e-1111-2222-3333-444455556666"
+    assert encode_token(run_id, content) == encode("token", run_id, content=content)

@@ -17,7 +17,7 @@ import trio
 from app import metrics
 from app.agent.llm import LLMError, LLMStalled, Turn
 from app.db.runs import STORED
-from app.events import EventWriter, encode
+from app.events import EventWriter, encode, encode_token
 
 if TYPE_CHECKING:
     from app.agent.tools import ToolRegistry
@@ -77,7 +77,7 @@ async def execute(state: RunState, deps: RunDeps, history: list[dict[str, Any]],
 
     def on_token(text: str) -> None:
         state.content.append(text)
-        writer.append(run_id, "token", encode("token", run_id, content=text))
+        writer.append(run_id, "token", encode_token(run_id, text))
 
     messages = build_messages(deps, history, user)
     tools = deps.tools.openai_tools()
