@@ -3,10 +3,24 @@
 A model encodes a batch of 64 sentences in about the time of 16 single calls (stack.md), so
 requests that arrive together — from every web and agent process — are encoded together:
 
-- A batch starts when `max_batch` texts are waiting, or `max_wait` after the oldest waiting
-  request arrived, whichever comes first; it holds at most `max_batch` texts. A request
-  larger than that is spread over consecutive batches, so a batch already in the encoder —
-  which nothing can interrupt — is always bounded by `max_batch` texts.
+- A batch starts when `max_batch` texts are waiting, or once arrivals pause: `linger`
+  after the last sign of activity, but never later than `max_wait` after the oldest
+  waiting request arrived. It holds at most `max_batch` texts. A request larger than that
+  is spread over consecutive batches, so a batch already in the encoder is always bounded
+  by `max_batch` texts.
+- Why a pause and not a fixed wait: concurrent requests do not arrive together. 64 sent at
+  once by a client reach this process over a few milliseconds, and hypercorn then parses
+  them side by side, a pass over all of them at a time, so they reach the batcher last and
+  together, 30-60 ms after the first one (which came in alone, while the loop was idle).
+  A fixed 5 ms wait started a batch of the first few, and the encoder — one batch at a
+  time — spent ~50 ms on them while the rest queued behind it: two passes where one would
+  do (bench/embed.py saw 7+57, then 1+63).
+- Signs of activity: the newest waiting request's arrival, and a busy loop. When `linger`
+  has passed with no arrival, the batcher lets the loop run two passes and times them: a
+  quiet loop is back in tens of microseconds; one that is taking in a burst of requests
+  (each pass parsing dozens of them) takes milliseconds, and the batch waits on. A lone
+  request on a quiet loop still goes after only `linger`; `max_wait` bounds what a steady
+  trickle or a busy loop can make the oldest wait.
 - One batch at a time: a single loop (`serve`) takes a batch, awaits the encoder, routes
   each slice of vectors back to its request, and only then takes the next.
 - A request cancelled before its texts went to the encoder leaves the queue; one cancelled
@@ -15,7 +29,8 @@ requests that arrive together — from every web and agent process — are encod
   at once instead of queueing work nobody will wait for.
 
 What goes into the next batch and when it starts are pure functions (`plan_batch`,
-`flush_deadline`), tested without a loop; `MicroBatcher` is the thin trio part around them.
+`flush_deadline`, `loop_was_busy`), tested without a loop; `MicroBatcher` is the thin trio
+part around them.
 """
 
 from __future__ import annotations
@@ -33,6 +48,8 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
 Vector = list[float]
+#: A checkpoint that takes longer than this to come back found the loop busy.
+BUSY_ROUND_TRIP_S = 0.0005
 
 
 class Overloaded(Exception):
@@ -68,15 +85,29 @@ def plan_batch(remaining: Sequence[int], max_batch: int) -> list[int]:
 
 
 def flush_deadline(
-    queued: int, oldest_arrival: float | None, *, max_batch: int, max_wait: float
+    queued: int,
+    oldest_arrival: float | None,
+    last_activity: float | None,
+    *,
+    max_batch: int,
+    max_wait: float,
+    linger: float,
 ) -> float:
-    """When the next batch should start: now if a full one waits, else `max_wait` after the
-    oldest waiting request arrived; never (``inf``) while nothing waits."""
-    if queued <= 0 or oldest_arrival is None:
+    """When the next batch should start: now if a full one waits; else `linger` after the
+    last activity (the newest arrival, or a later moment the loop was seen busy), and at
+    the latest `max_wait` after the oldest waiting request arrived; never (``inf``) while
+    nothing waits."""
+    if queued <= 0 or oldest_arrival is None or last_activity is None:
         return math.inf
     if queued >= max_batch:
         return -math.inf
-    return oldest_arrival + max_wait
+    return min(oldest_arrival + max_wait, last_activity + linger)
+
+
+def loop_was_busy(round_trip: float) -> bool:
+    """Whether two scheduler passes that took `round_trip` seconds found other tasks
+    running: on a quiet loop they take tens of microseconds (two I/O polls)."""
+    return round_trip > BUSY_ROUND_TRIP_S
 
 
 # The trio part --------------------------------------------------------------------------
@@ -128,13 +159,16 @@ class MicroBatcher:
         encode: Callable[[list[str]], Awaitable[list[Vector]]],
         *,
         max_batch: int = 64,
-        max_wait: float = 0.005,
+        max_wait: float = 0.05,
+        linger: float = 0.003,
         max_queue: int = 1024,
     ) -> None:
-        if max_batch < 1 or max_queue < max_batch or max_wait < 0:
-            raise ValueError("need max_batch >= 1, max_queue >= max_batch, max_wait >= 0")
+        if max_batch < 1 or max_queue < max_batch or max_wait < 0 or linger < 0:
+            raise ValueError("need max_batch >= 1, max_queue >= max_batch, max_wait >= 0, "
+                             "linger >= 0")
         self._encode = encode
-        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_wait, self.linger = max_wait, min(linger, max_wait)
         self.stats = BatchStats()
         self._pending: deque[_Request] = deque()
         self._queued = 0  # texts waiting, not yet in a batch
@@ -167,8 +201,9 @@ class MicroBatcher:
         request = _Request(list(texts), trio.current_time())
         self._pending.append(request)
         self._queued += len(texts)
-        # The loop needs waking only for a first arrival (to start its max_wait timer) or a
-        # full batch (to stop waiting); otherwise its timer is already right.
+        # The loop needs waking only for a first arrival (to start its timer) or a full
+        # batch (to stop waiting). Any other arrival only moves the start later, which the
+        # loop finds out when its timer fires and it recomputes the deadline.
         if len(self._pending) == 1 or self._queued >= self.max_batch:
             self._arrived.set()
         self._in_flight += 1
@@ -218,13 +253,23 @@ class MicroBatcher:
             self._current = []
 
     async def _wait_for_batch(self) -> None:
+        busy_at = -math.inf  # when the loop was last seen busy
         while True:
             oldest = self._pending[0].arrived if self._pending else None
-            deadline = flush_deadline(
-                self._queued, oldest, max_batch=self.max_batch, max_wait=self.max_wait
-            )
-            if trio.current_time() >= deadline:
-                return
+            newest = self._pending[-1].arrived if self._pending else None
+            last = None if newest is None else max(newest, busy_at)
+            deadline = flush_deadline(self._queued, oldest, last, max_batch=self.max_batch,
+                                      max_wait=self.max_wait, linger=self.linger)
+            now = trio.current_time()
+            if now >= deadline:
+                if deadline == -math.inf or oldest is None or now >= oldest + self.max_wait:
+                    return
+                # Quiet for `linger`, as far as arrivals tell. Is the loop quiet too?
+                await _two_passes()
+                if not loop_was_busy(trio.current_time() - now):
+                    return
+                busy_at = trio.current_time()
+                continue
             self._arrived = trio.Event()
             with trio.move_on_at(deadline):
                 await self._arrived.wait()
@@ -272,6 +317,13 @@ class MicroBatcher:
         stats.encode_seconds += seconds
         metrics.embedding_batch.observe(size)
         metrics.embedding_latency.observe(seconds)
+
+
+async def _two_passes() -> None:
+    """Let the loop run two passes. One is not enough: the tasks that the I/O poll before
+    a pass wakes (requests just read) run in the same pass as we do, and maybe after us."""
+    await trio.lowlevel.checkpoint()
+    await trio.lowlevel.checkpoint()
 
 
 def thread_encoder(

@@ -58,7 +58,7 @@ T = TypeVar("T")
 STORE_CLOSE_S = 3.0
 MODEL_RELEASE_S = 3.0
 STATUS_EVERY_S = 5.0
-MAX_BATCH, MAX_WAIT_S, MAX_QUEUE = 64, 0.005, 1024
+MAX_BATCH, MAX_WAIT_S, LINGER_S, MAX_QUEUE = 64, 0.05, 0.003, 1024
 
 
 class SocketError(Exception):
@@ -133,7 +133,7 @@ async def _serve(
     settings: Settings, life: Lifecycle, model: Model, store: VectorStore, socket_path: Path
 ) -> None:
     batcher = MicroBatcher(thread_encoder(model.encode), max_batch=MAX_BATCH,
-                           max_wait=MAX_WAIT_S, max_queue=MAX_QUEUE)
+                           max_wait=MAX_WAIT_S, linger=LINGER_S, max_queue=MAX_QUEUE)
     service = EmbeddingService(model=ModelInfo(model.name, model.device, model.dim),
                                batcher=batcher, store=store, draining=life.draining)
     config = _hypercorn_config(socket_path, settings)

@@ -16,6 +16,7 @@ from app.embedding.batcher import (
     MicroBatcher,
     Overloaded,
     flush_deadline,
+    loop_was_busy,
     plan_batch,
     thread_encoder,
 )
@@ -43,10 +44,18 @@ def test_plan_batch_takes_oldest_first_up_to_max_batch(remaining, max_batch, exp
 
 
 def test_flush_deadline():
-    assert flush_deadline(0, None, max_batch=64, max_wait=0.005) == math.inf
-    assert flush_deadline(3, 10.0, max_batch=64, max_wait=0.005) == 10.005
-    assert flush_deadline(64, 10.0, max_batch=64, max_wait=0.005) == -math.inf
-    assert flush_deadline(100, 10.0, max_batch=64, max_wait=0.005) == -math.inf
+    def deadline(queued: int, oldest: float | None, newest: float | None) -> float:
+        return flush_deadline(queued, oldest, newest, max_batch=64, max_wait=0.025,
+                              linger=0.003)
+
+    assert deadline(0, None, None) == math.inf  # nothing waits
+    assert deadline(1, 10.0, 10.0) == pytest.approx(10.003)  # a lone request: linger only
+    # arrivals keep coming: linger after the newest ...
+    assert deadline(3, 10.0, 10.002) == pytest.approx(10.005)
+    # ... but never past max_wait after the oldest
+    assert deadline(30, 10.0, 10.024) == pytest.approx(10.025)
+    assert deadline(64, 10.0, 10.001) == -math.inf  # full: now
+    assert deadline(100, 10.0, 10.001) == -math.inf
 
 
 # MicroBatcher --------------------------------------------------------------------------
@@ -104,15 +113,116 @@ async def test_concurrent_requests_are_coalesced_and_routed_back(autojump_clock)
     assert batcher.stats.batches == 1 and batcher.stats.mean_batch_size == 20
 
 
-async def test_a_lone_request_waits_max_wait_then_goes(autojump_clock):
+async def test_a_lone_request_waits_only_linger_then_goes(autojump_clock):
     async with trio.open_nursery() as nursery:
-        batcher, encoder = await _started(nursery, max_batch=64, max_wait=0.005)
+        batcher, encoder = await _started(nursery, max_batch=64, max_wait=0.025,
+                                          linger=0.003)
         t0 = trio.current_time()
         with trio.fail_after(5):
             assert await batcher.embed(["a"]) == [vec("a")]
-        assert encoder.started == [pytest.approx(t0 + 0.005)]
-        assert trio.current_time() == pytest.approx(t0 + 0.005 + ENCODE_S)
+        assert encoder.started == [pytest.approx(t0 + 0.003)]
+        assert trio.current_time() == pytest.approx(t0 + 0.003 + ENCODE_S)
         nursery.cancel_scope.cancel()
+
+
+async def _trickle(batcher: MicroBatcher, count: int, every: float) -> None:
+    """`count` single-text requests, one every `every` seconds, each waited for."""
+    async with trio.open_nursery() as clients:
+        for i in range(count):
+            clients.start_soon(batcher.embed, [f"t{i}"])
+            await trio.sleep(every)
+
+
+async def test_requests_arriving_a_millisecond_apart_make_one_batch(autojump_clock):
+    # 20 requests over 19 ms: the way 64 concurrent HTTP requests reach the batcher. A
+    # fixed 5 ms wait would have encoded the first 6 alone, then the rest.
+    async with trio.open_nursery() as nursery:
+        batcher, encoder = await _started(nursery, max_batch=64, max_wait=0.025,
+                                          linger=0.003)
+        t0 = trio.current_time()
+        with trio.fail_after(5):
+            await _trickle(batcher, 20, 0.001)
+        nursery.cancel_scope.cancel()
+    assert [len(b) for b in encoder.batches] == [20]
+    # it went `linger` after the last arrival
+    assert encoder.started == [pytest.approx(t0 + 0.019 + 0.003)]
+
+
+async def test_a_pause_longer_than_linger_starts_the_batch(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        batcher, encoder = await _started(nursery, max_batch=64, max_wait=0.025,
+                                          linger=0.003)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as clients:
+                clients.start_soon(_trickle, batcher, 3, 0.001)
+                await trio.sleep(0.010)  # quiet: the three go
+                clients.start_soon(_trickle, batcher, 2, 0.001)
+        nursery.cancel_scope.cancel()
+    assert [len(b) for b in encoder.batches] == [3, 2]
+
+
+async def test_a_steady_trickle_waits_at_most_max_wait(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        batcher, encoder = await _started(nursery, max_batch=64, max_wait=0.025,
+                                          linger=0.003)
+        t0 = trio.current_time()
+        with trio.fail_after(5):
+            await _trickle(batcher, 40, 0.002)  # never quiet for 3 ms
+        nursery.cancel_scope.cancel()
+    assert encoder.started[0] == pytest.approx(t0 + 0.025)  # the oldest waited max_wait
+    assert len(encoder.batches[0]) == 13  # arrivals at 0, 2, ..., 24 ms
+    assert sum(len(b) for b in encoder.batches) == 40
+
+
+def test_loop_was_busy():
+    assert not loop_was_busy(0.00003)  # two I/O polls on a quiet loop
+    assert loop_was_busy(0.004)  # other tasks ran: a pass over dozens of requests
+
+
+async def _busy_then_burst(clock: trio.testing.MockClock, batcher: MicroBatcher, passes: int,
+                           burst: int) -> None:
+    """What hypercorn taking in a burst looks like to the batcher: `passes` scheduler passes
+    of 2 ms each (the clock jumps while the loop runs, as real time would), then `burst`
+    requests reaching the batcher in one pass, each after 0.2 ms of parsing."""
+    for _ in range(passes):
+        clock.jump(0.002)
+        await trio.lowlevel.checkpoint()
+
+    async def parsed(i: int) -> None:
+        clock.jump(0.0002)
+        await batcher.embed([f"burst {i}"])
+
+    async with trio.open_nursery() as clients:
+        for i in range(burst):
+            clients.start_soon(parsed, i)
+
+
+async def test_a_batch_waits_while_the_loop_is_busy_taking_requests_in(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        batcher, encoder = await _started(nursery, max_batch=64, max_wait=0.05, linger=0.003)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as clients:
+                clients.start_soon(batcher.embed, ["first, alone"])
+                await trio.sleep(0.001)
+                # 20 ms of parsing: far past `linger`, but the loop is never quiet
+                clients.start_soon(_busy_then_burst, autojump_clock, batcher, 10, 20)
+        nursery.cancel_scope.cancel()
+    assert [len(b) for b in encoder.batches] == [21]  # not [1, 20]
+
+
+async def test_a_busy_loop_holds_a_batch_back_at_most_max_wait(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        batcher, encoder = await _started(nursery, max_batch=64, max_wait=0.05, linger=0.003)
+        t0 = trio.current_time()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as clients:
+                clients.start_soon(batcher.embed, ["first"])
+                await trio.sleep(0.001)
+                clients.start_soon(_busy_then_burst, autojump_clock, batcher, 100, 1)
+        nursery.cancel_scope.cancel()
+    assert [len(b) for b in encoder.batches] == [1, 1]
+    # max_wait, then at most the busy pass it ends in and the two passes of a probe
+    assert t0 + 0.05 <= encoder.started[0] <= t0 + 0.05 + 3 * 0.002 + 1e-9
 
 
 async def test_a_full_batch_goes_at_once_and_the_rest_follows(autojump_clock):
@@ -145,7 +255,7 @@ async def test_a_large_request_is_spread_over_batches_in_order(autojump_clock):
 
 async def test_a_request_cancelled_before_encoding_drops_out_of_its_batch(autojump_clock):
     async with trio.open_nursery() as nursery:
-        batcher, encoder = await _started(nursery, max_batch=64, max_wait=0.05)
+        batcher, encoder = await _started(nursery, max_batch=64, max_wait=0.05, linger=0.05)
         with trio.fail_after(5):
             async with trio.open_nursery() as clients:
                 leaver = trio.CancelScope()
@@ -280,3 +390,4 @@ async def test_thread_encoder_runs_one_batch_at_a_time_in_a_worker_thread():
                 nursery.start_soon(run, ["x"])
     assert peak == 1
     assert threading.get_ident() not in threads
+
