@@ -10,18 +10,26 @@ processes import. Errors cross the boundary once, in `_request`:
 - `EmbeddingRequestError`: 4xx, the service refused the input (a bug in the caller, or an
   input over a documented limit); `.code` says which.
 
-Lists longer than the service takes in one request (256) are sent in several.
+Lists longer than the service takes in one request (256) are sent in several. Vectors come
+back as float32 (see protocol.py). The requests go over unix_http.py's small HTTP/1.1 pool,
+not httpx's, whose cost grows with the square of the connections in use (see there); a test
+may pass an httpx transport instead (an ASGI app, a mock).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import h11
 import httpx
+import trio
 
+from app.embedding import protocol
 from app.embedding.protocol import MAX_TEXTS
+from app.embedding.unix_http import Response, UnixHTTP
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -70,11 +78,10 @@ class EmbeddingClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
-        self._http = httpx.AsyncClient(
-            transport=transport or httpx.AsyncHTTPTransport(uds=str(self.socket_path)),
-            base_url="http://embedding",
-            timeout=httpx.Timeout(timeout, connect=5.0),
-        )
+        self.timeout = timeout
+        self._unix = UnixHTTP(str(self.socket_path)) if transport is None else None
+        self._http = None if transport is None else httpx.AsyncClient(
+            transport=transport, base_url="http://embedding", timeout=None)
 
     async def __aenter__(self) -> EmbeddingClient:
         return self
@@ -88,14 +95,18 @@ class EmbeddingClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._unix is not None:
+            await self._unix.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One normalised vector per text, in order."""
         vectors: list[list[float]] = []
         for start in range(0, len(texts), MAX_TEXTS):
             part = list(texts[start : start + MAX_TEXTS])
-            vectors += (await self._request("POST", "/embed", {"texts": part}))["vectors"]
+            answer = await self._request("POST", "/embed", {"texts": part}, vectors=True)
+            vectors += answer["vectors"]
         return vectors
 
     async def upsert(self, points: Sequence[Mapping[str, Any]]) -> int:
@@ -124,26 +135,51 @@ class EmbeddingClient:
         return await self._request("GET", "/health")
 
     async def _request(
-        self, method: str, path: str, body: dict[str, Any] | None = None
+        self, method: str, path: str, body: dict[str, Any] | None = None, *,
+        vectors: bool = False,
     ) -> dict[str, Any]:
+        headers = [("accept", protocol.VECTORS_TYPE if vectors else "application/json")]
+        content = b""
+        if body is not None:
+            content = json.dumps(body, separators=(",", ":")).encode()
+            headers.append(("content-type", "application/json"))
         try:
-            response = await self._http.request(method, path, json=body)
-            data = response.json()
-        except httpx.TimeoutException as e:
+            with trio.fail_after(self.timeout):
+                response = await self._send(method, path, headers, content)
+            data = _decode(response)
+        except trio.TooSlowError as e:
             raise EmbeddingUnavailable(f"embedding service: {path} timed out") from e
-        except (httpx.HTTPError, OSError) as e:
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
+                httpx.HTTPError) as e:
             raise EmbeddingUnavailable(
                 f"embedding service at {self.socket_path} unreachable: {e!r}"
             ) from e
         except ValueError as e:
-            raise EmbeddingUnavailable(f"embedding service: {path} answered non-JSON") from e
-        if response.status_code < 400 and isinstance(data, dict):
+            raise EmbeddingUnavailable(f"embedding service: {path} answered garbage: {e}") from e
+        if response.status < 400 and isinstance(data, dict):
             return data
         error = data.get("error", {}) if isinstance(data, dict) else {}
         code = str(error.get("code", "unknown"))
-        message = f"embedding service: {error.get('message', response.reason_phrase)}"
-        if response.status_code == 503 and code == "overloaded":
+        message = f"embedding service: {error.get('message', f'HTTP {response.status}')}"
+        if response.status == 503 and code == "overloaded":
             raise EmbeddingOverloaded(message)
-        if response.status_code >= 500 or response.status_code < 400:
+        if response.status >= 500 or response.status < 400:
             raise EmbeddingUnavailable(message)
-        raise EmbeddingRequestError(response.status_code, code, message)
+        raise EmbeddingRequestError(response.status, code, message)
+
+    async def _send(
+        self, method: str, path: str, headers: list[tuple[str, str]], content: bytes
+    ) -> Response:
+        if self._unix is not None:
+            return await self._unix.request(method, path, headers, content)
+        assert self._http is not None
+        answer = await self._http.request(method, path, headers=headers, content=content)
+        return Response(answer.status_code, dict(answer.headers), answer.content)
+
+
+def _decode(response: Response) -> Any:
+    """The answer's body: JSON, or float32 vectors (ValueError if it is neither)."""
+    if response.headers.get("content-type") == protocol.VECTORS_TYPE:
+        dim = int(response.headers.get(protocol.DIM_HEADER, "0"))
+        return {"vectors": protocol.unpack_vectors(response.content, dim), "dim": dim}
+    return json.loads(response.content)

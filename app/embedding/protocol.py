@@ -7,15 +7,25 @@ caller that cut it would store a chunk whose text says more than its vector. (Th
 itself reads only its first 256 tokens, roughly 1,000 characters of English; chunking.py
 keeps chunks below that.)
 
-Errors are ``{"error": {"code", "message"}}``. The status code for each code is decided in
-`_STATUS` and nowhere else: bad JSON 400, a wrong shape 422, a full queue 503 ``overloaded``
-(with Retry-After), a draining process 503 ``shutting_down``, a failing store 502.
+Vectors can come back as JSON or, for a request that sends ``Accept: application/
+octet-stream`` (the client always does), as raw little-endian float32, row after row, with
+the dimension in ``x-embedding-dim``: 1.5 KB per vector instead of ~8 KB of JSON, and no
+float formatting, which took ~0.2 ms per 384-dimensional vector, a fifth of what one
+request cost the embedding process. The model makes float32, so nothing is lost.
+
+Errors are ``{"error": {"code", "message"}}``, always JSON. The status code for each code is
+decided in `_STATUS` and nowhere else: bad JSON 400, a wrong shape 422, a full queue 503
+``overloaded`` (with Retry-After), a draining process 503 ``shutting_down``, a failing store
+502.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import uuid
+from array import array
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,6 +42,8 @@ MAX_TEXTS = 256
 MAX_TEXT_CHARS = 10_000
 MAX_K = 100
 MAX_BODY = 16 * 1024 * 1024
+VECTORS_TYPE = "application/octet-stream"
+DIM_HEADER = "x-embedding-dim"
 
 _STATUS = {
     "bad_json": 400, "not_found": 404, "method_not_allowed": 405, "too_large": 413,
@@ -165,6 +177,40 @@ async def _dump(body: Json) -> bytes:
         await trio.lowlevel.checkpoint()
     rest = json.dumps({k: v for k, v in body.items() if k != "vectors"}, separators=(",", ":"))
     return b'{"vectors":[' + ",".join(parts).encode() + b"]," + rest[1:].encode()
+
+
+def wants_vectors_binary(scope: Json) -> bool:
+    """Whether the request asked for float32 vectors (``Accept: application/octet-stream``)."""
+    return any(name == b"accept" and VECTORS_TYPE.encode() in value
+               for name, value in scope.get("headers", ()))
+
+
+def pack_vectors(vectors: list[list[float]]) -> bytes:
+    """Vectors as little-endian float32, row after row."""
+    packed = array("f", chain.from_iterable(vectors))
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_vectors(payload: bytes, dim: int) -> list[list[float]]:
+    """The inverse of `pack_vectors`; ValueError unless `payload` holds whole vectors."""
+    if dim < 1 or len(payload) % (4 * dim):
+        raise ValueError(f"{len(payload)} bytes are not whole {dim}-dimensional vectors")
+    flat = array("f")
+    flat.frombytes(payload)
+    if sys.byteorder != "little":
+        flat.byteswap()
+    return [flat[start : start + dim].tolist() for start in range(0, len(flat), dim)]
+
+
+async def send_vectors(send: Send, vectors: list[list[float]], dim: int) -> None:
+    payload = pack_vectors(vectors)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", VECTORS_TYPE.encode()),
+                            (b"content-length", str(len(payload)).encode()),
+                            (DIM_HEADER.encode(), str(dim).encode())]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 async def lifespan(receive: Receive, send: Send) -> None:

@@ -15,8 +15,9 @@ Routes (JSON in and out; limits, validation and error codes are in protocol.py):
     POST /delete  {"document_id", "owner"?}                  → {"document_id"}
     GET  /health                                             → model, device, counters, store
 
-Vectors are normalised (cosine similarity is their dot product). While draining, every
-route but /health answers 503 ``shutting_down``.
+Vectors are normalised (cosine similarity is their dot product); /embed sends them as raw
+float32 instead of JSON when asked (``Accept: application/octet-stream``, see protocol.py).
+While draining, every route but /health answers 503 ``shutting_down``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import trio
 
 from app.embedding import protocol
 from app.embedding.batcher import BatcherClosed, EncodeError, Overloaded
-from app.embedding.protocol import MAX_TEXTS, ApiError, Disconnected, send_json
+from app.embedding.protocol import MAX_TEXTS, ApiError, Disconnected, send_json, send_vectors
 from app.embedding.store import StoreError
 
 if TYPE_CHECKING:
@@ -202,7 +203,11 @@ class EmbeddingService:
         self.in_flight += counted
         try:
             try:
-                await send_json(send, 200, await self._route(scope, receive))
+                body = await self._route(scope, receive)
+                if "vectors" in body and protocol.wants_vectors_binary(scope):
+                    await send_vectors(send, body["vectors"], body["dim"])
+                else:
+                    await send_json(send, 200, body)
             except ApiError as e:
                 retry = [(b"retry-after", b"1")] if e.status == 503 else []
                 await send_json(send, e.status, e.body(), retry)

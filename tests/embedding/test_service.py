@@ -72,8 +72,35 @@ async def test_embed_returns_one_vector_per_text(app):
     async with _client(app) as client:
         with trio.fail_after(10):
             vectors = await client.embed(["a cat", "a dog and a dog"])
-    assert [v[:2] for v in vectors] == [[1.01, 0.01], [0.01, 2.01]]
+    # float32 on the wire: as close as float32 gets, not equal
+    assert [v[:2] for v in vectors] == [pytest.approx([1.01, 0.01], rel=1e-6),
+                                        pytest.approx([0.01, 2.01], rel=1e-6)]
     assert all(len(v) == DIM for v in vectors)
+
+
+async def test_vectors_are_float32_when_asked_and_json_otherwise(app):
+    texts = {"texts": ["a cat", "a sea", "sky sky"]}
+    async with _raw(app) as http:
+        with trio.fail_after(10):
+            as_json = await http.post("/embed", json=texts)
+            binary = await http.post("/embed", json=texts,
+                                     headers={"accept": protocol.VECTORS_TYPE})
+    assert as_json.headers["content-type"] == "application/json"
+    assert binary.headers["content-type"] == protocol.VECTORS_TYPE
+    assert binary.headers[protocol.DIM_HEADER] == str(DIM)
+    assert len(binary.content) == 3 * DIM * 4
+    vectors = protocol.unpack_vectors(binary.content, DIM)
+    assert vectors == [pytest.approx(v, rel=1e-6) for v in as_json.json()["vectors"]]
+    assert vectors[1][WORDS.index("sea")] == pytest.approx(1.01)
+
+
+def test_packed_vectors_round_trip_and_refuse_a_partial_vector():
+    vectors = [[0.5, -0.25, 1.0], [0.0, 2.0, -3.5]]  # exact in float32
+    packed = protocol.pack_vectors(vectors)
+    assert len(packed) == 24 and packed[:4] == b"\x00\x00\x00\x3f"  # 0.5, little-endian
+    assert protocol.unpack_vectors(packed, 3) == vectors
+    with pytest.raises(ValueError, match="whole 3-dimensional"):
+        protocol.unpack_vectors(packed[:-4], 3)
 
 
 async def test_long_lists_are_split_by_the_client(app):
