@@ -25,6 +25,11 @@ requests that arrive together — from every web and agent process — are encod
   each slice of vectors back to its request, and only then takes the next.
 - A request cancelled before its texts went to the encoder leaves the queue; one cancelled
   while they are being encoded has its vectors discarded.
+- Stopping: once the process drains, `shrink` makes batches smaller, so the encoder is
+  free again sooner and requests cancelled at the drain deadline leave the queue instead of
+  being encoded. Cancelling `serve` does not wait for the batch in the encoder: its worker
+  thread is abandoned (`thread_encoder`), so a stop is never held up by a batch that takes
+  seconds on a busy CPU.
 - Back-pressure: at most `max_queue` texts wait; beyond that `embed` raises `Overloaded`
   at once instead of queueing work nobody will wait for.
 
@@ -176,6 +181,12 @@ class MicroBatcher:
         self._current: list[_Slice] = []  # the batch in the encoder
         self._arrived = trio.Event()
         self._running = False
+
+    def shrink(self, max_batch: int) -> None:
+        """From now on, batches of at most `max_batch` texts (main.py: once draining)."""
+        self.max_batch = max(1, min(self.max_batch, max_batch))
+        if self._queued >= self.max_batch:
+            self._arrived.set()
 
     @property
     def queue_depth(self) -> int:
@@ -331,13 +342,18 @@ def thread_encoder(
 ) -> Callable[[list[str]], Awaitable[list[Vector]]]:
     """Run a blocking `encode` in a worker thread, one call at a time.
 
-    The thread is never abandoned on cancellation: the caller waits for the batch in the
-    encoder to finish (it is bounded by the batch size), so the model is never released
-    while a thread still uses it.
+    Cancelled, the caller stops waiting at once and the thread is abandoned: it finishes
+    its batch in the background and its vectors are dropped. Nothing can interrupt a
+    model's forward pass, and a batch of 64 takes seconds on a busy CPU, more than the
+    model layer's share of a shutdown (issue 7: SIGKILLed while it waited). It is safe:
+    the limiter stays held until the thread has really finished, so no second batch
+    starts beside it, and `service.Model` releases the model only under the lock its
+    `encode` holds, so the model is never freed under a running batch.
     """
     one_at_a_time = limiter if limiter is not None else trio.CapacityLimiter(1)
 
     async def run(texts: list[str]) -> list[Vector]:
-        return await trio.to_thread.run_sync(encode, texts, limiter=one_at_a_time)
+        return await trio.to_thread.run_sync(encode, texts, limiter=one_at_a_time,
+                                             abandon_on_cancel=True)
 
     return run

@@ -11,11 +11,17 @@ pinging the watchdog meanwhile; the process says READY only once the model has a
 warm-up encode, the store is open and the socket listens.
 
 Stop (I6): it is in the model layer, so the supervisor signals it only after every agent and
-web process has exited. On SIGTERM it stops accepting connections, lets requests in flight
-finish until the drain deadline (a batch already in the encoder is bounded by the batch
-size), then releases, innermost first and each under its own short shielded deadline: the
-vector store (closed, flushed), then the model (dropped, garbage-collected, and on CUDA the
-cache emptied). One `released` log line says what was released and the memory before/after.
+web process has exited, about a second before the model layer's kill time (run/shutdown.json;
+lifecycle.py makes that, less a margin, this process's deadline). On SIGTERM it stops
+accepting connections and makes batches small (`DRAIN_BATCH`), lets requests in flight
+finish until the drain deadline (often already past by then), then cancels them. The
+batcher does not wait for a batch still in the encoder, which may take seconds on a busy
+CPU: its worker thread is abandoned (batcher.thread_encoder). Then it releases, innermost
+first and each under its own short shielded deadline, never past the process's: the vector
+store (closed, flushed; it waits for a store call still running, if any), then the model
+(dropped once the abandoned batch, if any, is done; garbage-collected; on CUDA the cache
+emptied). One `released` log line says what was released and the memory before/after, and
+the process exits 0 before its kill time, whether or not every step finished in time.
 """
 
 from __future__ import annotations
@@ -57,8 +63,14 @@ T = TypeVar("T")
 
 STORE_CLOSE_S = 3.0
 MODEL_RELEASE_S = 3.0
+#: Kept free before the process's deadline for the exit itself: the kernel takes ~0.1 s to
+#: tear down a process that holds torch and a model (measured from the `stopped` line).
+EXIT_RESERVE_S = 0.15
 STATUS_EVERY_S = 5.0
 MAX_BATCH, MAX_WAIT_S, LINGER_S, MAX_QUEUE = 64, 0.05, 0.003, 1024
+#: Texts per batch once draining: half the worst case in the encoder, at no cost in
+#: throughput (stack.md: sentences/s are flat from batches of 32 up).
+DRAIN_BATCH = 32
 
 
 class SocketError(Exception):
@@ -116,7 +128,9 @@ async def _run(settings: Settings, life: Lifecycle) -> None:
                 return True
 
             began = trio.current_time()
-            released["store_closed"] = bool(await _release(life, STORE_CLOSE_S, close_store))
+            # At most half of what is left: the model's release comes next.
+            released["store_closed"] = bool(await _release(life, STORE_CLOSE_S, close_store,
+                                                           share=0.5))
             released["store_close_s"] = round(trio.current_time() - began, 3)
     finally:
         began = trio.current_time()
@@ -149,8 +163,8 @@ async def _serve(
                     nursery.start_soon(_report_status, life, service)
                     if not life.draining.is_set():
                         life.ready(service.summary())
-            # Requests are over; cancelling the batcher waits for a batch still in the
-            # encoder (its thread is never abandoned), so nothing uses the model after this.
+            # Requests are over. Cancelling the batcher abandons a batch still in the
+            # encoder; Model.release waits for it, within its own deadline.
             nursery.cancel_scope.cancel()
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -163,6 +177,7 @@ async def _stop_when_done(life: Lifecycle, service: EmbeddingService,
     """Once draining: stop as soon as nothing is in flight (idle keep-alive connections
     must not hold the shutdown open), and at the latest at the drain deadline."""
     await life.draining.wait()
+    service.batcher.shrink(DRAIN_BATCH)
     server.deadline = life.drain_deadline
     await service.wait_idle()
     server.cancel()
@@ -174,11 +189,14 @@ async def _report_status(life: Lifecycle, service: EmbeddingService) -> None:
         await trio.sleep(STATUS_EVERY_S)
 
 
-async def _release(life: Lifecycle, budget: float, fn: Callable[[], Awaitable[T]]) -> T | None:
-    """Run a release step shielded, under its own short deadline (never past the process's
-    deadline); None if that deadline cut it short."""
-    with trio.CancelScope(shield=True,
-                          deadline=min(life.deadline, trio.current_time() + budget)):
+async def _release(life: Lifecycle, budget: float, fn: Callable[[], Awaitable[T]], *,
+                   share: float = 1.0) -> T | None:
+    """Run a release step shielded, under its own short deadline: `budget`, and never more
+    than `share` of the time left until the process's deadline less `EXIT_RESERVE_S`; None
+    if it was cut short."""
+    now = trio.current_time()
+    deadline = min(now + budget, now + share * (life.deadline - EXIT_RESERVE_S - now))
+    with trio.CancelScope(shield=True, deadline=deadline):
         return await fn()
     log.warning("release_timed_out", step=getattr(fn, "__qualname__", repr(fn)), budget_s=budget)
     return None

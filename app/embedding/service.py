@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -82,32 +83,40 @@ def resolve_device(setting: str, cuda_available: bool) -> str:
 
 
 class Model:
-    """A loaded sentence-transformers model; `encode` and `release` block (worker threads)."""
+    """A loaded sentence-transformers model; `encode` and `release` block (worker threads).
+
+    They share a lock: a batch abandoned by a stopping batcher (batcher.thread_encoder) may
+    still be running in its thread, and `release` waits for it rather than free the model
+    under it; main.py bounds that wait with the release's own deadline.
+    """
 
     def __init__(self, name: str, device: str, st: Any) -> None:
         self.name = name
         self.device = device
         self._st: Any = st
+        self._lock = threading.Lock()
         dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
         self.dim = int(dim())
 
     def encode(self, texts: list[str]) -> list[list[float]]:
-        if self._st is None:
-            raise EncodeError("the model has been released")
-        array = self._st.encode(
-            texts,
-            batch_size=max(1, len(texts)),
-            convert_to_numpy=True,
-            normalize_embeddings=True,  # cosine similarity is then a dot product
-            show_progress_bar=False,
-        )
+        with self._lock:
+            if self._st is None:
+                raise EncodeError("the model has been released")
+            array = self._st.encode(
+                texts,
+                batch_size=max(1, len(texts)),
+                convert_to_numpy=True,
+                normalize_embeddings=True,  # cosine similarity is then a dot product
+                show_progress_bar=False,
+            )
         vectors: list[list[float]] = array.tolist()
         return vectors
 
     def release(self) -> dict[str, Any]:
         """Drop the model and give its memory back; what was used before and after."""
         before = self.memory()
-        self._st = None
+        with self._lock:  # after the batch in the encoder, if any
+            self._st = None
         gc.collect()
         if self.device.startswith("cuda"):
             import torch

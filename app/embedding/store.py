@@ -89,7 +89,11 @@ class VectorStore:
             except _STORE_ERRORS as e:
                 raise StoreError(f"vector store ({self.where}): {e}") from e
 
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        # Abandoned when cancelled, so a stop never waits for a call here: the limiter stays
+        # held until the call has really finished, so no other call (nor the close) runs
+        # beside it, and local mode commits each point on its own (SQLite), so a call cut
+        # short by the process's exit leaves whole points behind.
+        return await trio.to_thread.run_sync(call, limiter=self._limiter, abandon_on_cancel=True)
 
     async def upsert(
         self, points: Sequence[Mapping[str, Any]], vectors: Sequence[Sequence[float]]

@@ -391,3 +391,52 @@ async def test_thread_encoder_runs_one_batch_at_a_time_in_a_worker_thread():
     assert peak == 1
     assert threading.get_ident() not in threads
 
+
+async def test_cancelling_serve_abandons_the_batch_in_the_worker_thread():
+    # The encoder is stuck (a long batch on a busy CPU): stopping must not wait for it.
+    started, finish = threading.Event(), threading.Event()
+
+    def encode(texts: list[str]) -> list[list[float]]:
+        started.set()
+        finish.wait(10)
+        return [[1.0] for _ in texts]
+
+    batcher = MicroBatcher(thread_encoder(encode), max_batch=4, max_wait=0.001, linger=0.001)
+    errors: list[BaseException] = []
+
+    async def client() -> None:
+        try:
+            await batcher.embed(["a"] * 4)
+        except BatcherClosed as e:
+            errors.append(e)
+
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as outer, trio.open_nursery() as serving:
+                await serving.start(batcher.serve)
+                outer.start_soon(client)
+                await trio.to_thread.run_sync(started.wait, 5)
+                began = time.monotonic()
+                serving.cancel_scope.cancel()
+            assert time.monotonic() - began < 1
+            assert not finish.is_set() and len(errors) == 1  # told, while the thread runs
+    finally:
+        finish.set()
+
+
+async def test_shrink_makes_the_following_batches_small(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        batcher, encoder = await _started(nursery, max_batch=64, max_wait=0.005)
+        encoder.gate = trio.Event()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as clients:
+                clients.start_soon(batcher.embed, ["first"] * 10)
+                await trio.sleep(0.01)  # in the encoder, stuck
+                clients.start_soon(batcher.embed, ["rest"] * 40)
+                await trio.sleep(0.01)
+                batcher.shrink(16)
+                encoder.gate.set()
+        nursery.cancel_scope.cancel()
+    assert [len(b) for b in encoder.batches] == [10, 16, 16, 8]
+    batcher.shrink(100)  # never larger than it was
+    assert batcher.max_batch == 16

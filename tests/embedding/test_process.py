@@ -2,14 +2,17 @@
 
 One process serves the whole scenario, start to SIGTERM, because starting one costs 6–15 s
 (importing torch and sentence-transformers); a second, shorter one checks the start-up
-error for a collection of the wrong dimension.
+error for a collection of the wrong dimension; a third pair stops with a large ingest in
+the encoder a second before its kill time, as under the supervisor (issue 7), and restarts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -43,9 +46,9 @@ def _env(base: Path) -> dict[str, str]:
     }
 
 
-def _spawn(base: Path) -> Proc:
-    return Proc([sys.executable, "-m", "app.child", "embedding"], base / "embedding.log",
-                env=_env(base))
+def _spawn(base: Path, log: str = "embedding.log", **env: str) -> Proc:
+    return Proc([sys.executable, "-m", "app.child", "embedding"], base / log,
+                env={**_env(base), **env})
 
 
 async def _until_ready(listener: NotifyListener, proc: Proc) -> tuple[list[float], dict]:
@@ -155,7 +158,8 @@ async def _check_batching(client: EmbeddingClient) -> None:
 
 async def _check_sigterm_answers_the_request_in_flight(client: EmbeddingClient,
                                                        proc: Proc) -> None:
-    texts = [f"a long request, text {i}, still being embedded at SIGTERM" for i in range(256)]
+    # Several batches (64, then 32 once draining): the drain carries on from one to the next.
+    texts = [f"a long request, text {i}, still being embedded at SIGTERM" for i in range(96)]
     vectors: list[list[float]] = []
 
     async def in_flight() -> None:
@@ -167,7 +171,7 @@ async def _check_sigterm_answers_the_request_in_flight(client: EmbeddingClient,
             while (await client.health())["in_flight"] == 0:
                 await trio.sleep(0.005)
             proc.signal(signal.SIGTERM)
-    assert len(vectors) == 256
+    assert len(vectors) == 96
 
 
 async def test_a_collection_of_another_dimension_stops_the_start_with_one_clear_line(
@@ -186,6 +190,98 @@ async def test_a_collection_of_another_dimension_stops_the_start_with_one_clear_
         assert "an-8-dim-model" in failed["error"] and "AGENTD_EMBEDDING_MODEL" in failed["error"]
         assert not any(m.get("READY") for m in listener.pending())
         assert proc.find("released")  # the model it had loaded was released all the same
+    finally:
+        proc.close()
+        listener.close()
+
+
+#: The supervisor SIGTERMs the model layer once web and agent have exited, which is about this
+#: long before the layer's kill time (AGENTD_SHUTDOWN_TIMEOUT=15: kill at 14 s, web and agent
+#: gone by 13 s at the latest).
+KILL_AFTER_S = 1.0
+
+
+def _write_shutdown_file(path: Path, kill_in: float) -> float:
+    """What supervisor/run.py writes at SIGTERM, for a shutdown well under way: the drain
+    over, the model layer to be SIGKILLed in `kill_in` seconds. Its kill time (wall clock)."""
+    now = time.time()
+    kill_at = now + kill_in
+    path.write_text(json.dumps({
+        "signal_at": now - 13, "deadline": now + kill_in + 1, "drain_end": now - 3,
+        "reason": "SIGTERM",
+        "kill_at": {"edge": now - 1, "work": now - 1, "model": kill_at, "infra": kill_at + 1},
+    }))
+    return kill_at
+
+
+def _long_points(owner: str, n: int) -> list[dict]:
+    """`n` chunks of ~2,000 characters: the model reads 256 tokens of each, so a batch of 64
+    takes seconds on a CPU."""
+    document = str(uuid.uuid4())
+    return [{"id": str(uuid.uuid4()), "document_id": document, "owner": owner, "chunk": i,
+             "text": " ".join(f"word{(i * 131 + j) % 997} of chunk {i}" for j in range(100))}
+            for i in range(n)]
+
+
+async def test_sigterm_with_a_batch_in_the_encoder_exits_0_before_the_kill_time(private_dir):
+    shutdown_file = private_dir / "run" / "shutdown.json"
+    env = {"AGENTD_SHUTDOWN_TIMEOUT": "15", "AGENTD_SHUTDOWN_FILE": str(shutdown_file),
+           "AGENTD_LAYER": "model"}
+    listener = NotifyListener(str(private_dir / "notify.sock"))
+    proc = _spawn(private_dir, "first.log", **env)
+    kept = chunk_points(str(uuid.uuid4()), "Otters hold hands while they sleep.", owner="kept")
+    outcome: list[BaseException | int] = []
+    try:
+        await _until_ready(listener, proc)
+        async with EmbeddingClient(private_dir / "run" / "embedding.sock") as client:
+            with trio.fail_after(60):
+                assert await client.upsert(kept) == 1
+
+            async def ingest() -> None:
+                try:
+                    outcome.append(await client.upsert(_long_points("ingest", 256)))
+                except EmbeddingUnavailable as e:
+                    outcome.append(e)
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ingest)
+                    # The first 64 of its 256 texts are in the encoder, 192 wait.
+                    while (await client.health())["queue_depth"] != 192:
+                        await trio.sleep(0.005)
+                    kill_at = _write_shutdown_file(shutdown_file, KILL_AFTER_S)
+                    proc.signal(signal.SIGTERM)
+                    # The supervisor's part: SIGKILL at the layer's kill time.
+                    with trio.move_on_after(kill_at - time.time()):
+                        await proc.wait(timeout=KILL_AFTER_S + 1)
+                    exited_in = time.time() - (kill_at - KILL_AFTER_S)
+                    proc.close()
+        assert proc.popen.returncode == 0, (exited_in, proc.text()[-3000:])
+        assert exited_in < KILL_AFTER_S
+        assert len(outcome) == 1 and isinstance(outcome[0], EmbeddingUnavailable)
+        [released] = proc.find("released")
+        assert released["store_closed"] is True
+        assert not (private_dir / "run" / "embedding.sock").exists()
+    finally:
+        proc.close()
+
+    # The store is whole after a restart: the process opens it, finds what was committed,
+    # and stores and finds new chunks.
+    proc = _spawn(private_dir, "second.log", **env)
+    try:
+        await _until_ready(listener, proc)
+        async with EmbeddingClient(private_dir / "run" / "embedding.sock") as client:
+            with trio.fail_after(60):
+                [found] = await client.search("animals holding hands", 5, "kept")
+                assert found["document_id"] == kept[0]["document_id"]
+                assert found["text"] == kept[0]["text"]
+                assert await client.upsert(_long_points("after", 3)) == 3
+                assert len(await client.search("word1 of chunk 1", 5, "after")) == 3
+        shutdown_file.unlink()  # a plain SIGTERM now: the whole budget
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(timeout=20) == 0
+        [released] = proc.find("released")
+        assert released["store_closed"] is True and released["model_released"] is True
     finally:
         proc.close()
         listener.close()

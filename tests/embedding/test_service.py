@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import uuid
 
 import httpx
+import numpy
 import pytest
 import trio
 
 from app.embedding import protocol
 from app.embedding import service as service_module
-from app.embedding.batcher import MicroBatcher
+from app.embedding.batcher import EncodeError, MicroBatcher
 from app.embedding.chunking import chunk_points
 from app.embedding.client import (
     EmbeddingClient,
@@ -259,6 +261,34 @@ def test_default_socket_path_prefers_the_runtime_dir(monkeypatch, private_dir):
     assert default_socket_path(settings) == private_dir / "run" / "embedding.sock"
     monkeypatch.setenv("AGENTD_RUNTIME_DIR", "/run/agentd")
     assert str(default_socket_path(settings)) == "/run/agentd/embedding.sock"
+
+
+async def test_releasing_the_model_waits_for_the_batch_it_is_encoding():
+    # A stopping batcher abandons its worker thread; the model must not be freed under it.
+    started, finish = threading.Event(), threading.Event()
+
+    class Slow:
+        def get_sentence_embedding_dimension(self) -> int:
+            return 2
+
+        def encode(self, texts: list[str], **_: object) -> numpy.ndarray:
+            started.set()
+            finish.wait(10)
+            return numpy.ones((len(texts), 2), dtype=numpy.float32)
+
+    model = service_module.Model("slow", "cpu", Slow())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, model.encode, ["a"])
+            await trio.to_thread.run_sync(started.wait, 5)
+            with trio.move_on_after(0.2) as waited:
+                await trio.to_thread.run_sync(model.release, abandon_on_cancel=True)
+            assert waited.cancelled_caught  # it waits for the batch ...
+            finish.set()
+            report = await trio.to_thread.run_sync(model.release)  # ... and then releases
+    assert "rss_bytes" in report["memory_after"]
+    with pytest.raises(EncodeError, match="released"):
+        model.encode(["b"])
 
 
 def test_device_and_name_resolution():
