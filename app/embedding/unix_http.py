@@ -142,12 +142,14 @@ class UnixHTTP:
                 await conn.aclose()
 
     def _take_idle(self) -> _Connection | None:
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.looks_closed():
-                return conn
-            conn.stream.socket.close()
-        return None
+        if self._idle and self._idle[-1].looks_closed():
+            # The warmest was closed (the service's keep-alive timeout): so, likely, were
+            # all that have been idle longer. Drop every closed one now, not one per request.
+            for conn in self._idle:
+                if conn.looks_closed():
+                    conn.stream.socket.close()
+            self._idle = [conn for conn in self._idle if conn.stream.socket.fileno() != -1]
+        return self._idle.pop() if self._idle else None
 
     async def _connect(self) -> _Connection:
         return _Connection(await trio.open_unix_socket(self.path))

@@ -110,6 +110,21 @@ async def test_a_connection_closed_by_the_server_while_idle_is_not_reused(served
         await pool.aclose()
 
 
+async def test_after_an_idle_spell_every_closed_connection_is_dropped_at_once(served):
+    path, _ = served
+    pool = UnixHTTP(path)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(_post, pool, i)
+        assert len(pool._idle) == 8
+        await trio.sleep(0.6)  # hypercorn closes all eight
+        assert await _post(pool, "next") == "next"
+        [fresh] = pool._idle  # not seven dead ones left behind it
+        assert fresh.requests == 1
+        await pool.aclose()
+
+
 async def test_a_request_cancelled_half_way_closes_its_connection(served):
     path, app = served
     pool = UnixHTTP(path)
