@@ -136,7 +136,7 @@ async def wait_for_end(state: WebState, run_id: str, limit: float) -> None:
             return
         with trio.move_on_after(limit):
             while True:
-                if any(e.type == "end" for e in await sub.receive.receive()):
+                if any(e.type == "end" for e in await sub.get()):
                     return
     finally:
         sub.close()

@@ -113,18 +113,26 @@ class RawBody:
     chunked terminator in one write, then tells hypercorn the body is over, which ends the
     request for h11 (and `Connection` drops the terminator h11 writes again).
 
+    `try_write` writes without waiting, from any task (the event hub's, for a live stream):
+    what the socket does not take at once is kept, and the next `write` sends it first.
     A write cancelled halfway leaves a chunk cut short: that happens only when the client
-    left or the drain is over, and the connection is then closed, never reused.
+    left or the drain is over, and the connection is then closed, never reused. A client
+    that went away makes writes no-ops; its disconnect arrives on the read side.
     """
 
-    __slots__ = ("_connection", "_fd", "_send", "ended")
+    __slots__ = ("_connection", "_fd", "_send", "_pending", "_waiting", "ended", "finishing",
+                 "written_at")
 
     def __init__(self, connection: Connection, send: Callable[[MutableMapping[str, Any]],
                                                               Awaitable[None]]) -> None:
         self._connection = connection
         self._fd = connection.stream.socket.fileno()
         self._send = send
+        self._pending = b""  # what try_write could not write at once
+        self._waiting = False  # a write is waiting for the socket
         self.ended = False
+        self.finishing = False
+        self.written_at = trio.current_time()
 
     @staticmethod
     def of(scope: MutableMapping[str, Any], send: Callable[[MutableMapping[str, Any]],
@@ -137,11 +145,29 @@ class RawBody:
             return None
         return RawBody(connection, send)
 
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def try_write(self, body: bytes) -> bool:
+        """Write now, without waiting: True once the bytes are the connection's (written, or
+        kept for the next `write`); False, nothing done, while another write is under way."""
+        if self._pending or self._waiting or self.finishing or self.ended:
+            return False
+        if not body:
+            return True
+        data = b"%x\r\n%b\r\n" % (len(body), body)
+        self._pending = data[self._write_now(data):]
+        self.written_at = trio.current_time()
+        return True
+
     async def write(self, body: bytes) -> None:
-        if body:
-            await self._write(b"%x\r\n%b\r\n" % (len(body), body))
+        """Write, waiting for the socket if it is full; with an empty `body`, just send what
+        `try_write` kept."""
+        await self._write(b"%x\r\n%b\r\n" % (len(body), body) if body else b"")
 
     async def finish(self, body: bytes) -> None:
+        self.finishing = True
         piece = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
         await self._write(piece + TERMINATOR)
         self.ended = True
@@ -149,20 +175,31 @@ class RawBody:
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _write(self, data: bytes) -> None:
-        connection = self._connection
-        if not connection.send_lock.locked():
-            try:
-                written = os.write(self._fd, data)
-            except BlockingIOError:
-                written = 0
-            except OSError as e:
-                raise trio.BrokenResourceError(f"the client went away: {e}") from e
-            if written == len(data):
+        data, self._pending = self._pending + data, b""
+        if not data:
+            return
+        self.written_at = trio.current_time()
+        if not self._connection.send_lock.locked():
+            data = data[self._write_now(data):]
+            if not data:
                 return
-            data = data[written:]
         # The socket is full (a slow reader): wait for it, cancellably, like any write.
-        async with connection.send_lock:
-            await connection.stream.send_all(data)
+        self._waiting = True
+        try:
+            async with self._connection.send_lock:
+                await self._connection.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        finally:
+            self._waiting = False
+
+    def _write_now(self, data: bytes) -> int:
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return len(data)  # the client went away: nothing more to write
 
 
 async def _with_connection(app: Any, connection: Connection, scope: MutableMapping[str, Any],

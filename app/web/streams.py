@@ -25,7 +25,7 @@ import trio
 from app import metrics
 from app.db import runs as q
 from app.db.pool import DatabaseError
-from app.events import CONTROL_STREAM, Event, EventHub, id_key, read_after
+from app.events import CONTROL_STREAM, Event, EventHub, Subscription, id_key, read_after
 from app.redis import RedisUnavailable
 from app.web.server import RawBody
 from app.web.sse import KEEPALIVE, encode_event
@@ -104,14 +104,16 @@ async def request_cancel(state: WebState, run_id: str) -> None:
 class AsgiBody:
     """The body through the ASGI server's `send`: any server, any HTTP version."""
 
-    __slots__ = ("_send", "ended")
+    __slots__ = ("_send", "ended", "written_at")
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.ended = False
+        self.written_at = trio.current_time()
 
     async def write(self, body: bytes) -> None:
         if body:
+            self.written_at = trio.current_time()
             await self._send({"type": "http.response.body", "body": body, "more_body": True})
 
     async def finish(self, body: bytes) -> None:
@@ -123,9 +125,11 @@ class Body(Protocol):
     """Where a stream's bytes go: `RawBody` (web/server.py) when it can, else `AsgiBody`.
 
     `ended` turns true once the last write is out: the server then reports the request as
-    over (`http.disconnect`), which must not pass for a client that left early."""
+    over (`http.disconnect`), which must not pass for a client that left early.
+    `written_at` is when the last write began (trio's clock): keep-alives count from it."""
 
     ended: bool
+    written_at: float
 
     async def write(self, body: bytes) -> None: ...
 
@@ -165,7 +169,7 @@ async def _relay(state: WebState, hub: EventHub, body: Body, framing: Framing, r
                  last_id: str | None) -> bool:
     """Send events until `end`; return True when an `end` was sent."""
     sub = hub.subscribe(run_id, last_id or "0-0")
-    sent = last_id or "0-0"  # the last event id this stream has sent
+    sent = last_id or "0-0"  # the last event id this task has sent
     try:
         replay = await read_after(state.redis, run_id, last_id, count=100_000)
         if replay:
@@ -175,18 +179,21 @@ async def _relay(state: WebState, hub: EventHub, body: Body, framing: Framing, r
             sub.last_id = max(sub.last_id, sent, key=id_key)
             if await _send_events(state, body, framing, replay):
                 return True
+        if isinstance(body, RawBody):
+            sub.direct = partial(_write_from_hub, sub, body, framing)
         life = state.life
         while True:
-            timeout = KEEPALIVE_S
+            # Events the hub wrote itself count as activity: a keep-alive only after
+            # KEEPALIVE_S of silence.
+            wake_at = body.written_at + KEEPALIVE_S
             if life.draining.is_set():
-                timeout = min(timeout, max(0.0, state.stream_cutoff() - trio.current_time()))
+                wake_at = min(wake_at, state.stream_cutoff())
             batch: list[Event] | None = None
-            # Only the wait is bounded by the keep-alive: a write cancelled halfway would
-            # cut a chunk short.
-            with trio.move_on_after(timeout):
-                batch = await sub.receive.receive()
+            # Only the wait is bounded: a write cancelled halfway would cut a chunk short.
+            with trio.move_on_at(wake_at):
+                batch = await sub.get()
             if batch is not None:
-                if batch and id_key(batch[0].id) <= id_key(sent):  # [] = a drain wake-up
+                if batch and id_key(batch[0].id) <= id_key(sent):  # [] = a wake-up
                     # Queued by the hub while the replay above was reading and sending the
                     # same events: send each event once.
                     batch = [e for e in batch if id_key(e.id) > id_key(sent)]
@@ -194,10 +201,17 @@ async def _relay(state: WebState, hub: EventHub, body: Body, framing: Framing, r
                     sent = batch[-1].id
                     if await _send_events(state, body, framing, batch):
                         return True
+                else:
+                    await body.write(b"")  # what the hub's write left behind, if anything
                 continue
-            if life.draining.is_set() and trio.current_time() >= state.stream_cutoff():
+            now = trio.current_time()
+            if life.draining.is_set() and now >= state.stream_cutoff():
                 await _send_own_end(state, body, framing, run_id)
                 return True
+            if sub.queued or now < body.written_at + KEEPALIVE_S:
+                continue
+            # Silent for a keep-alive, and everything dispatched is written.
+            sent = max(sent, sub.last_id, key=id_key)
             ending = await _ending_of_final_run(state, framing, run_id, sent)
             if ending is not None:
                 await body.finish(ending)
@@ -205,6 +219,21 @@ async def _relay(state: WebState, hub: EventHub, body: Body, framing: Framing, r
             await body.write(KEEPALIVE)
     finally:
         sub.close()
+
+
+def _write_from_hub(sub: Subscription, body: RawBody, framing: Framing, events: list[Event]
+                    ) -> bool:
+    """`Subscription.direct` for a live stream: the hub's task writes the batch itself,
+    unless it holds the `end` (the stream's task finishes the body and counts it) or the
+    socket is busy. False leaves the batch to the stream's task."""
+    if events[-1].type == "end":
+        return False
+    encode = framing.event
+    if not body.try_write(b"".join([encode(e.id, e.type, e.data) for e in events])):
+        return False
+    if body.pending:
+        sub.wake()  # the socket took part of it: the stream's task waits to write the rest
+    return True
 
 
 async def _send_events(state: WebState, body: Body, framing: Framing, events: list[Event]
