@@ -31,7 +31,14 @@ from app.web.errors import (
     error_json,
     outcome_error,
 )
-from app.web.models import BatchRequest, ChatRequest, RunRequest, StreamRequest, openapi_document
+from app.web.models import (
+    BatchRequest,
+    ChatRequest,
+    RunRequest,
+    StreamRequest,
+    ToolArguments,
+    openapi_document,
+)
 
 if TYPE_CHECKING:
     from collections.abc import MutableMapping
@@ -214,10 +221,12 @@ def register(app: Quart, state: WebState) -> None:
             arguments = json.loads(raw) if raw.strip() else {}
         except (ValueError, UnicodeDecodeError):
             raise BadJson("the arguments are not valid JSON") from None
-        if not isinstance(arguments, dict):
-            raise BadJson("the arguments must be a JSON object")
+        try:
+            checked = ToolArguments.model_validate(arguments)
+        except ValidationError:
+            raise BadJson("the arguments must be a JSON object") from None
         with acting_for(owner_of(request.scope)):  # whose knowledge base (tools/knowledge.py)
-            outcome = await tools.call(name, arguments)
+            outcome = await tools.call(name, checked.root)
         return json_response({"success": outcome.success, "result": outcome.result,
                               "error": outcome.error})
 

@@ -40,11 +40,18 @@ import hashlib
 import json
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 
 import structlog
 import trio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 from quart import Quart, Response, request
 
 from app.db import documents as q
@@ -59,7 +66,7 @@ from app.embedding.client import (
 )
 from app.web.api import owner_of, parse_body
 from app.web.errors import NotFound, Unavailable, ValidationFailed
-from app.web.models import storable
+from app.web.models import NO_NUL, NOT_BLANK, storable
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -84,12 +91,72 @@ CLEANUP_S = 5.0
 
 
 class DocumentRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"text": "Trio is a structured concurrency library.", "source": "notes/trio.md",
+         "title": "Trio"}]})
 
-    text: str = Field(min_length=1, max_length=MAX_TEXT)
-    source: str | None = Field(None, max_length=MAX_SOURCE)
-    title: str | None = Field(None, max_length=MAX_TITLE)
-    metadata: dict[str, Any] | None = None
+    text: str = Field(min_length=1, max_length=MAX_TEXT, description=(
+        "the text to index; not blank, no lone surrogates"), json_schema_extra={
+        "pattern": NOT_BLANK})
+    source: str | None = Field(None, max_length=MAX_SOURCE, description=(
+        "where it comes from; the same source again replaces that document (blank: none)"),
+        json_schema_extra={"pattern": NO_NUL})
+    title: str | None = Field(None, max_length=MAX_TITLE, description="blank: none",
+                              json_schema_extra={"pattern": NO_NUL})
+    metadata: dict[str, Any] | None = Field(None, description=(
+        f"kept with the document: at most {MAX_METADATA_BYTES} bytes as JSON, no NUL "
+        "characters"))
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("blank")
+    return value
+
+
+def _integer(value: Any) -> Any:
+    """A query string's integer, read as `int()` reads it (" 7", "+7" and "0_7" too)."""
+    return int(value) if isinstance(value, str) else value
+
+
+QueryInt = Annotated[int, BeforeValidator(_integer)]
+
+
+class SearchQuery(BaseModel):
+    """GET /api/search's query string, read by `query_params`; a field it refuses is
+    refused with that field's message in `refusals`."""
+
+    q: Annotated[str, AfterValidator(_not_blank)] = Field(
+        min_length=1, max_length=MAX_QUERY, description="what to look for; not blank",
+        json_schema_extra={"pattern": NOT_BLANK})
+    k: QueryInt = Field(DEFAULT_K, ge=1, le=MAX_K, description="how many results, at most")
+
+    refusals: ClassVar[dict[str, str]] = {
+        "q": f"q: 1 to {MAX_QUERY} characters, not blank",
+        "k": f"k: an integer from 1 to {MAX_K}"}
+
+
+class DocumentListQuery(BaseModel):
+    """GET /api/documents's query string: a page of the caller's documents, oldest first."""
+
+    limit: QueryInt = Field(DEFAULT_LIST, ge=1, le=MAX_LIST, description="at most this many")
+    offset: QueryInt = Field(0, ge=0, description="skip this many")
+
+    refusals: ClassVar[dict[str, str]] = {
+        "limit": f"limit: an integer from 1 to {MAX_LIST}",
+        "offset": "offset: an integer of at least 0"}
+
+
+Query = TypeVar("Query", SearchQuery, DocumentListQuery)
+
+
+def query_params(model: type[Query], args: Any) -> Query:
+    """A query string through its model. An empty value is no value (its default)."""
+    given = {name: args.get(name) for name in model.model_fields}
+    try:
+        return model.model_validate({k: v for k, v in given.items() if v not in (None, "")})
+    except ValidationError as e:
+        raise ValidationFailed(model.refusals[str(e.errors()[0]["loc"][0])]) from None
 
 
 def content_hash(text: str) -> str:
@@ -118,24 +185,8 @@ def checked(body: DocumentRequest) -> DocumentRequest:
 
 
 def search_params(args: Any) -> tuple[str, int]:
-    query = args.get("q", "")
-    if not 1 <= len(query) <= MAX_QUERY or not query.strip():
-        raise ValidationFailed(f"q: 1 to {MAX_QUERY} characters, not blank")
-    return query, _int_param(args, "k", DEFAULT_K, 1, MAX_K)
-
-
-def _int_param(args: Any, name: str, default: int, low: int, high: int | None) -> int:
-    raw = args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if value < low or (high is not None and value > high):
-        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise ValidationFailed(f"{name}: an integer {bounds}")
-    return value
+    query = query_params(SearchQuery, args)
+    return query.q, query.k
 
 
 @asynccontextmanager
@@ -265,10 +316,9 @@ def register(app: Quart, state: WebState) -> None:
 
     @app.get("/api/documents")
     async def list_documents() -> Response:
-        count = _int_param(request.args, "limit", DEFAULT_LIST, 1, MAX_LIST)
-        offset = _int_param(request.args, "offset", 0, 0, None)
+        page = query_params(DocumentListQuery, request.args)
         async with embedding_errors():
-            rows = await kb.documents(owner_of(request.scope), count, offset)
+            rows = await kb.documents(owner_of(request.scope), page.limit, page.offset)
         return json_response({"documents": rows})
 
     @app.delete("/api/documents/<document_id>")

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
+from pydantic import ValidationError
 
 from app.config import DEFAULT_LLM_MODEL
 from app.db import runs as q
@@ -68,7 +69,7 @@ from app.web.api import (
     wait_for_end,
 )
 from app.web.errors import ApiError, BadJson, NotFound, openai_error_json, outcome_error
-from app.web.models import ChatRequest, storable
+from app.web.models import MISSING, ChatCompletionRequest, ChatRequest
 
 if TYPE_CHECKING:
     from collections.abc import MutableMapping
@@ -79,8 +80,6 @@ if TYPE_CHECKING:
     from app.web.app import Receive, Send, WebState
 
 COMPLETIONS_PATH = "/v1/chat/completions"
-#: The roles OpenAI's chat API knows; anything else is refused.
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 DONE = b"data: [DONE]\n\n"
 
 log = structlog.get_logger("web")
@@ -108,88 +107,23 @@ def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
 
 
 def parse_request(data: Any, max_chars: int) -> CompletionRequest:
-    """Validate an OpenAI chat request and map it onto a run (see the module's docstring)."""
+    """Validate an OpenAI chat request and map it onto a run (see the module's docstring).
+    The checks are `ChatCompletionRequest`'s (app/web/models.py), which the OpenAPI
+    document describes; the first one failed is the 400."""
     if not isinstance(data, dict):
         raise BadJson("the request body must be a JSON object")
-    model = data.get("model")
-    if model is None:
-        raise invalid("model", "you must provide a model parameter", "missing_required_parameter")
-    if not isinstance(model, str) or not model:
-        raise invalid("model", "model must be a non-empty string", "invalid_type")
-    message = _last_user_text(data.get("messages"), max_chars)
-    n = data.get("n")
-    if n is not None and n != 1:
-        raise invalid("n", "agentd answers with one choice: n must be 1")
-    return CompletionRequest(
-        message=message,
-        stream=_flag(data, "stream") or False,
-        session_id=_session_id(data.get("session_id")),
-        timeout=_timeout(data.get("timeout")),
-        cache=_flag(data, "cache"),
-    )
-
-
-def _last_user_text(messages: Any, max_chars: int) -> str:
-    if messages is None:
-        raise invalid("messages", "missing required parameter: 'messages'",
-                      "missing_required_parameter")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages", "messages must be a non-empty array", "invalid_type")
-    last = None
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise invalid(f"messages[{i}]", "each message must be an object", "invalid_type")
-        role = message.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise invalid(f"messages[{i}].role",
-                          f"role must be one of {', '.join(sorted(ROLES))}")
-        if role == "user":
-            last = i
-    if last is None:
-        raise invalid("messages", "messages must contain a user message")
-    param = f"messages[{last}].content"
-    text = _text_of(messages[last].get("content"), param)
-    if not text.strip():
-        raise invalid(param, "the last user message has no text")
-    if len(text) > max_chars:
-        raise invalid(param, f"the last user message is over {max_chars} characters",
-                      "string_above_max_length")
-    if not storable(text):
-        raise invalid(param, "NUL characters and lone surrogates are not allowed")
-    return text
-
-
-def _text_of(content: Any, param: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [part.get("text") for part in content
-                 if isinstance(part, dict) and part.get("type") == "text"]
-        if all(isinstance(t, str) for t in texts):
-            return "".join(t for t in texts if isinstance(t, str))
-    raise invalid(param, "content must be a string or an array of text parts", "invalid_type")
-
-
-def _flag(data: dict[str, Any], name: str) -> bool | None:
-    value = data.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise invalid(name, f"{name} must be a boolean", "invalid_type")
-    return value
-
-
-def _session_id(value: Any) -> str | None:
-    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 64):
-        raise invalid("session_id", "session_id must be a session id from an earlier answer",
-                      "invalid_type")
-    return value
-
-
-def _timeout(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= 600:
-        raise invalid("timeout", "timeout must be a number of seconds from 1 to 600")
-    return float(value)
+    try:
+        body = ChatCompletionRequest.model_validate(data, context={"max_chars": max_chars})
+    except ValidationError as e:
+        first = e.errors()[0]
+        if first["type"] == "missing":  # absent: as OpenAI says it of a null one
+            name = str(first["loc"][0])
+            raise invalid(name, MISSING[name], "missing_required_parameter") from None
+        param = (first.get("ctx") or {}).get("param") or ".".join(map(str, first["loc"]))
+        raise invalid(param, first["msg"], first["type"]) from None
+    return CompletionRequest(message=body.message(), stream=body.stream or False,
+                             session_id=body.session_id, timeout=body.timeout,
+                             cache=body.cache)
 
 
 # The answers ---------------------------------------------------------------------------------
