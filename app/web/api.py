@@ -31,14 +31,7 @@ from app.web.errors import (
     error_json,
     outcome_error,
 )
-from app.web.models import (
-    BatchRequest,
-    ChatRequest,
-    RunRequest,
-    StreamRequest,
-    ToolArguments,
-    openapi_document,
-)
+from app.web.models import BatchRequest, ChatRequest, RunRequest, StreamRequest, ToolArguments
 
 if TYPE_CHECKING:
     from collections.abc import MutableMapping
@@ -272,9 +265,16 @@ def register(app: Quart, state: WebState) -> None:
     async def status() -> Response:
         return json_response(await status_view(state))
 
+    document: list[bytes] = []  # made at the first request (~20 ms), all routes registered
+
     @app.get("/openapi.json")
     async def openapi() -> Response:
-        return json_response(openapi_document(_paths(app)))
+        if not document:
+            from app.web.openapi import openapi_document  # it imports documents.py: us too
+
+            document.append(json.dumps(openapi_document(app, state.settings, {
+                "/api/tools/{name}": {"name": tools.names()}})).encode())
+        return Response(document[0], content_type="application/json")
 
     @app.get("/docs")
     async def docs() -> Response:
@@ -302,24 +302,6 @@ async def status_view(state: WebState) -> dict[str, Any]:
         "processes": tree.get("children", []),
         "restarts_by_role": tree.get("restarts_by_role", {}),
     }
-
-
-def _paths(app: Quart) -> dict[str, Any]:
-    paths: dict[str, Any] = {}
-    for rule in app.url_map.iter_rules():
-        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
-        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-            paths.setdefault(path, {})[method.lower()] = {"summary": rule.endpoint}
-    for path, model in (("/api/chat/stream", "StreamRequest"),):
-        paths[path] = {"post": {"summary": "stream a chat as SSE", "requestBody": {"content": {
-            "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}}}
-    paths["/api/runs/{run_id}/events"] = {"get": {"summary": "a run's events as SSE"}}
-    paths["/v1/chat/completions"] = {"post": {
-        "summary": "OpenAI-compatible chat completions (stream true or false)"}}
-    for path, model in (("/api/chat", "ChatRequest"), ("/api/runs", "RunRequest")):
-        paths[path]["post"]["requestBody"] = {"content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{model}"}}}}
-    return paths
 
 
 DOCS_HTML = """<!doctype html><title>agentd API</title>

@@ -245,10 +245,3 @@ class ChatCompletionRequest(BaseModel):
         last = last_user(self.messages)
         assert last is not None
         return text_of(self.messages[last].get("content"), "")
-
-
-def openapi_document(paths: dict[str, Any]) -> dict[str, Any]:
-    schemas = {m.__name__: m.model_json_schema(ref_template="#/components/schemas/{model}")
-               for m in (ChatRequest, StreamRequest, RunRequest, BatchRequest)}
-    return {"openapi": "3.1.0", "info": {"title": "agentd", "version": "0.1.0"},
-            "paths": paths, "components": {"schemas": schemas}}
