@@ -19,9 +19,10 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from app import metrics
+from app.db.pool import DatabaseUnavailable
 from app.embedding.client import EmbeddingClient, EmbeddingError, default_socket_path
 from app.events import EventHub
-from app.redis import RedisClient
+from app.redis import RedisClient, RedisUnavailable
 from app.redis import ping as redis_ping
 from app.web.auth import Authenticator, ClientAddress
 from app.web.errors import ApiError, RateLimited, Unavailable, error_json, openai_error_json
@@ -204,6 +205,15 @@ def create_app(state: WebState) -> ASGIApp:
     async def api_error(error: ApiError) -> Response:
         return error_response(error)
 
+    @app.errorhandler(DatabaseUnavailable)
+    @app.errorhandler(RedisUnavailable)
+    async def dependency_down(error: Exception) -> Response:
+        api_error = dependency_error(error)
+        if request.path.startswith("/v1/"):
+            return Response(openai_error_json(api_error), status=api_error.status,
+                            headers=api_error.headers, content_type="application/json")
+        return error_response(api_error)
+
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         # Quart's own refusals (no such route, wrong method, a body over MAX_CONTENT_LENGTH)
@@ -223,6 +233,13 @@ def create_app(state: WebState) -> ASGIApp:
     documents.register(app, state)
     openai_compat.register(app, state)
     return entry(app, state)  # type: ignore[arg-type]
+
+
+def dependency_error(error: Exception) -> ApiError:
+    """PostgreSQL or Redis down, wherever a route met it: 503, retry shortly (never a 500)."""
+    what = "the database" if isinstance(error, DatabaseUnavailable) else "Redis"
+    log.warning("dependency_unavailable", what=what, error=str(error))
+    return Unavailable(f"{what} is unavailable; retry shortly")
 
 
 def entry(app: ASGIApp, state: WebState) -> ASGIApp:
@@ -293,6 +310,11 @@ def entry(app: ASGIApp, state: WebState) -> ASGIApp:
                 if await dispatch_stream(state, scope, receive, send_with_headers):
                     return
             await app(scope, receive, send_with_headers)
+        except (DatabaseUnavailable, RedisUnavailable) as error:  # the raw routes' own
+            if status_seen:
+                raise  # a stream already under way: nothing to answer with now
+            await _send_error(send_with_headers, dependency_error(error),
+                              openai=path.startswith("/v1/"))
         finally:
             state.request_finished()
             _log_request(scope, client, status_seen, began, request_id)
