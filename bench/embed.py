@@ -17,7 +17,8 @@ temporary data dir) and loads the same model in this process, then measures:
     (64 sequential single-text `Model.encode` calls). A round is offline, service, offline,
     naive; its ratio is the service against the mean of the two offline batches around it,
     and medians over `--repeats` rounds are printed. The batch sizes are the service's own
-    /health counters, and so is its encoder's busy time.
+    /health counters, and so is its encoder's busy time; the client's CPU per request is
+    this process's CPU time during a service round.
 (b) search latency, ms, k=5 with the owner filter agentd always sets:
     - through the service (/search: HTTP + embedding the query + the store) over `--small`
       real chunks upserted through the service into its persistent local store;
@@ -156,6 +157,7 @@ class Throughput:
     round_sizes: list[str] = field(default_factory=list)  # "first+last" when 2 batches
     round_wall_s: list[float] = field(default_factory=list)
     round_encoder_s: list[float] = field(default_factory=list)  # the service's encoder busy
+    round_client_cpu_s: list[float] = field(default_factory=list)  # this process, the client
     health: dict[str, Any] = field(default_factory=dict)
     load: str = ""
 
@@ -244,11 +246,12 @@ async def measure_throughput(client: EmbeddingClient, model: Any, repeats: int,
 
     async def service_round() -> tuple[float, int, int]:
         before = await client.health()
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         async with trio.open_nursery() as nursery:
             for text in texts:
                 nursery.start_soon(client.embed, [text])
         elapsed = time.perf_counter() - began
+        out.round_client_cpu_s.append(time.process_time() - cpu)
         after = await client.health()
         batches = after["batches"] - before["batches"]
         embedded = after["texts_embedded"] - before["texts_embedded"]
@@ -272,6 +275,7 @@ async def measure_throughput(client: EmbeddingClient, model: Any, repeats: int,
     # Warm-up: the client's 64 connections, the allocator, the model's first batch of 64.
     await service_round()
     del out.round_sizes[:], out.round_wall_s[:], out.round_encoder_s[:]
+    del out.round_client_cpu_s[:]
     offline_round()
     for text in texts[:4]:
         model.encode([text])
@@ -520,7 +524,10 @@ def report(results: Results, args: argparse.Namespace) -> None:
     wall, busy = statistics.median(t.round_wall_s), statistics.median(t.round_encoder_s)
     print(f"  service round: {wall * 1000:.0f} ms wall, of which its encoder busy "
           f"{busy * 1000:.0f} ms ({CONCURRENT / busy if busy else float('nan'):.0f} texts/s "
-          f"in the encoder); the rest is HTTP, JSON, the client and waiting for arrivals")
+          f"in the encoder); the rest is HTTP, the client and waiting for arrivals")
+    client_cpu = statistics.median(t.round_client_cpu_s)
+    print(f"  client (this process, its own model idle meanwhile): "
+          f"{client_cpu / CONCURRENT * 1e6:.0f} us of CPU per request")
     h = t.health
     print(f"  /health after (a), warm-up included: batches {h.get('batches')}, "
           f"mean_batch_size {h.get('mean_batch_size')}, max_batch_size "
