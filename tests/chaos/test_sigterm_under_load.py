@@ -77,22 +77,6 @@ def big_text() -> str:
     return "".join(sentences)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bugs: (2) the agent's persist window is too short for hundreds of runs: Worker.drain "
-    "(app/agent/worker.py) cancels every run at the drain deadline at once, and each "
-    "Worker.conclude does its own q.finish transaction, then EventWriter.append_now, which "
-    "takes the writer's single lock for one Redis call per run, all under a deadline of "
-    "deadline - 0.45 x reserve (2.75 s after the drain end here): with ~480 runs per agent "
-    "only ~100-250 finish, the rest log run_persist_timeout with the run already committed "
-    "final but its last buffered tokens and its `end` never appended, so the web sends its "
-    "own `end` and the stored content is longer than what the client got. Fix: conclude the "
-    "interrupted runs in bulk (one transaction, one append call carrying every buffered "
-    "token and `end`), and append before committing. (3) a large ingest in flight: the "
-    "embedding process waits for the batch in its encoder (app/embedding/main.py _serve: "
-    "the encoder thread is never abandoned; 64 chunks take seconds on CPU) but is SIGTERMed "
-    "only once web and agent have exited, ~1 s before its kill time: SIGKILLed, exit 1. Fix: "
-    "abandon the encoder at the model layer's kill time (os._exit follows anyway) or encode "
-    "in small sub-batches once draining."))
 async def test_sigterm_with_1000_streams_exits_in_budget_and_loses_nothing(start_tree,
                                                                           llm_process):
     with summary("sigterm_1000_streams") as tally, dead_endpoint() as search_url:
