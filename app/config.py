@@ -132,7 +132,9 @@ class Settings(BaseSettings):
     max_queued_runs: int = Field(1000, ge=1, le=10_000_000)
     max_open_streams: int = Field(1000, ge=1, le=100000)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
-    max_message_chars: int = Field(32000, ge=1)
+    # At most the API models' own limit (app/web/models.py MAX_MESSAGE): a setting can only
+    # lower it.
+    max_message_chars: int = Field(32000, ge=1, le=32000)
     cache_ttl: float = Field(3600.0, gt=0)
     cache_default: Literal["on", "off"] = "off"
     web_search_url: str | None = None

@@ -40,7 +40,7 @@ def test_reserve_defaults_to_a_third_of_a_short_timeout(monkeypatch):
     ("AGENTD_RATE_LIMIT", "fast"), ("AGENTD_TRUSTED_PROXIES", "banana"),
     ("AGENTD_EMBEDDING_DEVICE", "tpu"), ("AGENTD_CACHE_DEFAULT", "maybe"),
     ("AGENTD_LLM_TEMPERATURE", "3"), ("AGENTD_SHUTDOWN_RESERVE", "40"),
-    ("AGENTD_SYSTEM_PROMPT", "@/no/such/file"),
+    ("AGENTD_SYSTEM_PROMPT", "@/no/such/file"), ("AGENTD_MAX_MESSAGE_CHARS", "40000"),
 ])
 def test_a_bad_value_is_one_line_naming_the_setting(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
