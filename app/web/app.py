@@ -165,7 +165,7 @@ def error_response(error: ApiError) -> Response:
 
 
 def create_app(state: WebState) -> ASGIApp:
-    app = QuartTrio("agentd")
+    app = QuartTrio("agentd", static_folder=None)  # no files served from the working directory
     app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
 

@@ -234,8 +234,6 @@ def openapi_document(app: Quart, settings: Settings,
 
 def _discover(app: Quart) -> Iterator[tuple[str, str, Operation, str]]:
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":  # Quart's, for files in ./static: agentd has none
-            continue
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             op = OPERATIONS.get(f"{method} {path}") or _undocumented(
