@@ -103,8 +103,12 @@ class WebState:
         return max(0.0, self.life.deadline - self.life.drain_deadline)
 
     def close_connections_at(self) -> float:
-        """When connections still open are told to close (hypercorn `terminated`)."""
-        return self.life.drain_deadline + 0.85 * self._stop_span()
+        """When connections still open are told to close (hypercorn `terminated`), then cut.
+
+        Soon after the stream cutoff: what is still in flight then is a write to a client
+        that stopped reading. The rest of the span is the process's own teardown (a thousand
+        connections to unwind, the lifespan, the pools), under load too."""
+        return self.life.drain_deadline + 0.65 * self._stop_span()
 
     def request_started(self) -> None:
         self.in_flight += 1

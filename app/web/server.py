@@ -239,6 +239,6 @@ async def serve_http(app: Any, config: Config, fd: int, state: WebState,
             for connection in list(open_connections):
                 connection.abort()
             connections.cancel_scope.cancel()
-        with trio.move_on_after(1):
+        with trio.move_on_at(min(trio.current_time() + 1, life.deadline)):
             await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()

@@ -162,7 +162,14 @@ async def settled(client: httpx.AsyncClient, run_ids: list[str]) -> dict[str, di
     async def check() -> bool:
         for run_id in run_ids:
             if runs.get(run_id, {}).get("status") not in FINAL:
-                runs[run_id] = (await client.get(f"/api/runs/{run_id}")).json()
+                try:
+                    reply = await client.get(f"/api/runs/{run_id}")
+                except httpx.TransportError as e:
+                    runs[run_id] = {"status": f"unanswered ({type(e).__name__})"}
+                    continue
+                # A dependency still coming back answers 503: not final yet, look again.
+                runs[run_id] = (reply.json() if reply.status_code == 200
+                                else {"status": f"unanswered (HTTP {reply.status_code})"})
         return all(r["status"] in FINAL for r in runs.values())
 
     with trio.move_on_after(RECOVERY_S):
