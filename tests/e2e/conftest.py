@@ -433,7 +433,10 @@ async def run_final(client: httpx.AsyncClient, run_id: str, timeout: float) -> d
     """GET /api/runs/{id} until the run reaches a final status."""
 
     async def check() -> dict[str, Any] | None:
-        body: dict[str, Any] = (await client.get(f"/api/runs/{run_id}")).json()
+        reply = await client.get(f"/api/runs/{run_id}")
+        if reply.status_code == 503:  # a dependency coming back (a chaos test killed it)
+            return None
+        body: dict[str, Any] = reply.json()
         return body if body["status"] in FINAL else None
 
     result: dict[str, Any] = await eventually(check, timeout, interval=0.1)
