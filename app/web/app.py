@@ -43,6 +43,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 HEALTH_CACHE_S = 1.0
+DISCARD_BODY_S = 1.0  # how long a refused request's body may take to arrive
 #: How long /health waits for the embedding process (over its unix socket: it answers in ms).
 EMBEDDING_CHECK_S = 1.0
 STREAM_PATHS = ("/api/chat/stream",)
@@ -298,6 +299,7 @@ def entry(app: ASGIApp, state: WebState) -> ASGIApp:
                                           f"retry in {wait:g} s",
                                           headers={"Retry-After": f"{wait:g}"})
         except ApiError as error:
+            await _discard_body(receive, settings.max_body_bytes)
             await _send_error(send_with_headers, error, openai=path.startswith("/v1/"))
             _log_request(scope, client, status_seen, began, request_id)
             return
@@ -366,6 +368,22 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+async def _discard_body(receive: Receive, limit: int) -> None:
+    """Read (and drop) a request body we refuse before looking at it (401, 429, draining):
+    left unread, h11 cannot start the next request on the connection and hypercorn closes
+    it, which a client reusing the connection meets as "disconnected without a response".
+    Bounded in size and time: a body too large or too slow just has its connection closed."""
+    seen = 0
+    with trio.move_on_after(DISCARD_BODY_S):
+        while seen <= limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 async def _send_error(send: Send, error: ApiError, *, openai: bool = False) -> None:

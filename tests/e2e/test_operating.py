@@ -198,6 +198,29 @@ async def k1(auth_tree) -> AsyncIterator[httpx.AsyncClient]:
 
 
 class TestWithAuth:
+    async def test_a_refused_request_whose_body_comes_late_leaves_its_connection_usable(
+        self, auth_tree
+    ):
+        # The 401 is decided on the headers; the body, sent after a pause, is read and
+        # dropped, so the kept-alive connection serves the next request.
+        body = json.dumps({"message": "hi"}).encode()
+        head = (f"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        with trio.fail_after(20):
+            stream = await trio.open_tcp_stream("127.0.0.1", auth_tree.port)
+            async with stream:
+                await stream.send_all(head)
+                await trio.sleep(0.3)
+                await stream.send_all(body)
+                await stream.send_all(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+                received = b""
+                while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+                    chunk = await stream.receive_some(65536)
+                    assert chunk, f"the connection was closed: {received!r}"
+                    received += chunk
+        first, second = received.split(b"HTTP/1.1 ")[1:]
+        assert first.startswith(b"401") and second.startswith(b"200"), received
+
     async def test_without_valid_credentials_api_and_v1_answer_401_and_open_paths_answer(
         self, anon
     ):
