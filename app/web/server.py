@@ -172,7 +172,10 @@ class RawBody:
         await self._write(piece + TERMINATOR)
         self.ended = True
         self._connection.terminator_written = True
-        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        try:
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self._connection.terminator_written = False  # never carried to another response
 
     async def _write(self, data: bytes) -> None:
         data, self._pending = self._pending + data, b""
