@@ -156,7 +156,7 @@ class RawBody:
             return False
         if not body:
             return True
-        data = b"%x\r\n%b\r\n" % (len(body), body)
+        data = _chunk(body)
         self._pending = data[self._write_now(data):]
         self.written_at = trio.current_time()
         return True
@@ -164,12 +164,11 @@ class RawBody:
     async def write(self, body: bytes) -> None:
         """Write, waiting for the socket if it is full; with an empty `body`, just send what
         `try_write` kept."""
-        await self._write(b"%x\r\n%b\r\n" % (len(body), body) if body else b"")
+        await self._write(_chunk(body) if body else b"")
 
     async def finish(self, body: bytes) -> None:
         self.finishing = True
-        piece = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
-        await self._write(piece + TERMINATOR)
+        await self._write((_chunk(body) if body else b"") + TERMINATOR)
         self.ended = True
         self._connection.terminator_written = True
         try:
@@ -203,6 +202,11 @@ class RawBody:
             return 0
         except OSError:
             return len(data)  # the client went away: nothing more to write
+
+
+def _chunk(body: bytes) -> bytes:
+    """One piece of a chunked body: its size in hex, the bytes, CRLF after each."""
+    return b"%x\r\n%b\r\n" % (len(body), body)
 
 
 async def _with_connection(app: Any, connection: Connection, scope: MutableMapping[str, Any],
